@@ -1,0 +1,108 @@
+"""Application factory: settings, clients and blueprints, built once per worker."""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, g, request
+from werkzeug.exceptions import HTTPException
+
+from gateway import accesslog
+from gateway.accesslog import RequestRecord
+from gateway.auth import Authenticator
+from gateway.config import Settings, load_settings
+from gateway.errors import GatewayError, error_body
+from gateway.forwarding import request_id_for
+from gateway.proxy import PassThrough
+from gateway.upstream import Upstream
+
+log = logging.getLogger("gateway")
+
+
+def create_app(config=None) -> Flask:
+    """Build the gateway.
+
+    `config` may hold a ready `settings` (Settings), an `environ` mapping to read instead of
+    os.environ, and Settings field overrides; tests use it to inject clients and values.
+    """
+    config = dict(config or {})
+    settings = config.pop("settings", None)
+    if settings is None:
+        settings = load_settings(config.pop("environ", None), **config)
+    assert isinstance(settings, Settings)
+
+    app = Flask(__name__, static_folder=None)
+    app.config["GATEWAY_SETTINGS"] = settings
+    accesslog.configure(settings.access_log)
+
+    upstream = Upstream(settings.upstream_base, api_key=settings.upstream_key,
+                        connect_timeout=settings.connect_timeout,
+                        read_timeout=settings.read_timeout, pool_size=settings.upstream_pool_size)
+    authenticator = Authenticator(settings.master_key)
+    app.extensions["gateway.upstream"] = upstream
+    app.extensions["gateway.auth"] = authenticator
+    app.extensions["gateway.passthrough"] = PassThrough(upstream, authenticator, settings.max_body_bytes)
+
+    from blueprints import health, passthrough
+    app.register_blueprint(passthrough.bp)
+    app.register_blueprint(health.bp)
+
+    _install_request_record(app)
+    _install_error_handlers(app)
+    return app
+
+
+def _install_request_record(app: Flask) -> None:
+    """Every request gets a record and an id; the log line is written when the body closes."""
+
+    @app.before_request
+    def start_record():
+        record = RequestRecord(request.method, request.path)
+        record.request_id = request_id_for(request.environ)
+        g.record = record
+
+    @app.after_request
+    def finish_record(response: Response):
+        record = g.get("record")
+        if record is None:
+            return response
+        response.headers["X-Request-Id"] = record.request_id
+        record.status = response.status_code
+        if not record.stream and response.content_length is not None and not record.bytes_out:
+            record.bytes_out = response.content_length
+        response.call_on_close(record.emit)
+        return response
+
+
+def _json_error(status: int, message: str, type_=None, param=None, headers=None) -> Response:
+    resp = Response(error_body(status, message, type_, param), status=status,
+                    content_type="application/json")
+    for name, value in (headers or {}).items():
+        resp.headers[name] = value
+    return resp
+
+
+def _install_error_handlers(app: Flask) -> None:
+    """One envelope for every error the gateway produces itself."""
+
+    @app.errorhandler(GatewayError)
+    def gateway_error(exc: GatewayError):
+        record = g.get("record")
+        if record is not None and record.error is None:
+            record.error = exc.message
+        return _json_error(exc.status, exc.message, exc.type, exc.param, exc.headers)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        message = exc.description or exc.name
+        if exc.code == 404:
+            message = f"No route {request.path}; vLLM's routes are under /vllm/"
+        return _json_error(exc.code or 500, message)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        # Never a bare 500 page; the traceback goes to stderr, the caller gets the envelope.
+        log.exception("unhandled error")
+        record = g.get("record")
+        if record is not None:
+            record.error = f"internal error: {type(exc).__name__}"
+        return _json_error(500, "internal gateway error; see the gateway log for the request id")

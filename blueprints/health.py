@@ -1,0 +1,26 @@
+"""Liveness and readiness probes; public, no key needed."""
+from flask import Blueprint, current_app, jsonify
+
+bp = Blueprint("health", __name__, url_prefix="/health")
+
+
+@bp.get("/liveliness")
+@bp.get("/liveness")
+def liveness():
+    """The process answers: LiteLLM's exact reply, so existing probes keep matching."""
+    return jsonify("I'm alive!")
+
+
+@bp.get("/readiness")
+def readiness():
+    """Each dependency's state; 503 when any is down."""
+    checks = {}
+    ok, detail = current_app.extensions["gateway.upstream"].probe()
+    checks["upstream"] = {"status": "up" if ok else "down", "detail": detail}
+    keystore = current_app.extensions.get("gateway.keystore")
+    if keystore is not None:
+        ok, detail = keystore.ping()
+        checks["keystore"] = {"status": "up" if ok else "down", "detail": detail}
+    healthy = all(c["status"] == "up" for c in checks.values())
+    body = {"status": "healthy" if healthy else "unhealthy", "dependencies": checks}
+    return jsonify(body), 200 if healthy else 503

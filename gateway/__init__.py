@@ -1,0 +1,1 @@
+"""Plain modules behind the Flask blueprints: configuration, relay, auth, logging, keys."""

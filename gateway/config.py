@@ -1,0 +1,140 @@
+"""Configuration: read once from the environment, validated at start-up.
+
+Nothing here imports `requests`, `ssl` or `redis`: `gunicorn.conf.py` calls
+`load_settings()` in the master before gevent patches the workers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from urllib.parse import urlsplit
+
+# Values published in docs and tutorials; anyone could guess them.
+KNOWN_WEAK_KEYS = frozenset({
+    "sk-1234", "sk-12345", "sk-123456", "sk-1234567890", "sk-master", "sk-admin",
+    "sk-test", "sk-secret", "changeme", "password", "secret", "master-key",
+})
+MIN_MASTER_KEY_LENGTH = 16
+MAKE_KEY_HINT = (
+    "generate one with: python -c \"import secrets; print('sk-' + secrets.token_urlsafe(32))\""
+)
+
+
+class ConfigError(ValueError):
+    """The environment does not describe a gateway that may start."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything the gateway reads from its environment."""
+
+    upstream_base: str
+    master_key: str
+    upstream_key: str | None = None
+    allow_weak_master_key: bool = False
+    connect_timeout: float = 5.0
+    read_timeout: float = 600.0
+    max_body_bytes: int = 64 * 1024 * 1024
+    upstream_pool_size: int = 1000
+    redis_url: str | None = None
+    redis_ssl_cert_reqs: str = "required"
+    redis_pool_size: int = 50
+    redis_socket_timeout: float = 2.0
+    access_log: bool = True
+
+    def __post_init__(self):
+        _validate(self)
+
+
+def _validate(s: Settings) -> None:
+    if not s.master_key:
+        raise ConfigError(
+            f"LITELLM_MASTER_KEY is not set; the gateway never runs without an admin key — {MAKE_KEY_HINT}"
+        )
+    weak = s.master_key in KNOWN_WEAK_KEYS or len(s.master_key) < MIN_MASTER_KEY_LENGTH
+    if weak and not s.allow_weak_master_key:
+        raise ConfigError(
+            "LITELLM_MASTER_KEY is publicly known or shorter than "
+            f"{MIN_MASTER_KEY_LENGTH} characters; {MAKE_KEY_HINT} "
+            "(for local development only, ALLOW_WEAK_MASTER_KEY=1 accepts it)"
+        )
+    if s.connect_timeout <= 0 or s.read_timeout <= 0:
+        raise ConfigError("UPSTREAM_CONNECT_TIMEOUT and UPSTREAM_READ_TIMEOUT must be positive")
+    if s.max_body_bytes <= 0:
+        raise ConfigError("MAX_REQUEST_BODY_BYTES must be positive")
+    if s.upstream_pool_size <= 0 or s.redis_pool_size <= 0:
+        raise ConfigError("UPSTREAM_POOL_SIZE and REDIS_POOL_SIZE must be positive")
+    if s.redis_ssl_cert_reqs not in ("required", "none"):
+        raise ConfigError("REDIS_SSL_CERT_REQS must be 'required' or 'none'")
+
+
+def normalise_base(raw: str) -> str:
+    """Validate a vLLM base URL and drop trailing slashes; its path prefix is kept."""
+    raw = raw.strip()
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"HOSTED_VLLM_API_BASE must be an http(s) URL such as http://vllm:8000, got {raw!r}"
+        )
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ConfigError("HOSTED_VLLM_API_BASE must not carry a query, fragment or credentials")
+    try:
+        parts.port
+    except ValueError as exc:
+        raise ConfigError(f"HOSTED_VLLM_API_BASE has an invalid port: {exc}") from None
+    return raw.rstrip("/")
+
+
+def _number(environ, name, default, kind=float):
+    value = environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+
+
+def _flag(environ, name):
+    return environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def redis_url_from(environ) -> str | None:
+    """REDIS_URL, else DATABASE_URL when it points at Redis (Heroku add-ons set either)."""
+    url = environ.get("REDIS_URL", "").strip()
+    if url:
+        return url
+    url = environ.get("DATABASE_URL", "").strip()
+    if url.startswith(("redis://", "rediss://")):
+        return url
+    return None
+
+
+def load_settings(environ=None, **overrides) -> Settings:
+    """Build Settings from the environment (os.environ by default), then apply overrides."""
+    env = os.environ if environ is None else environ
+    base = overrides.pop("upstream_base", None)
+    if base is None:
+        base = env.get("HOSTED_VLLM_API_BASE") or env.get("VLLM_API_BASE") or ""
+        if not base.strip():
+            raise ConfigError(
+                "HOSTED_VLLM_API_BASE is not set; point it at your vLLM server, e.g. http://vllm:8000 "
+                "(python -m fakevllm starts a fake one for demos)"
+            )
+    values = dict(
+        upstream_base=normalise_base(base),
+        master_key=env.get("LITELLM_MASTER_KEY", "").strip(),
+        upstream_key=(env.get("HOSTED_VLLM_API_KEY") or env.get("VLLM_API_KEY") or "").strip() or None,
+        allow_weak_master_key=_flag(env, "ALLOW_WEAK_MASTER_KEY"),
+        connect_timeout=_number(env, "UPSTREAM_CONNECT_TIMEOUT", 5.0),
+        read_timeout=_number(env, "UPSTREAM_READ_TIMEOUT", 600.0),
+        max_body_bytes=_number(env, "MAX_REQUEST_BODY_BYTES", 64 * 1024 * 1024, int),
+        upstream_pool_size=_number(env, "UPSTREAM_POOL_SIZE", 1000, int),
+        redis_url=redis_url_from(env),
+        redis_ssl_cert_reqs=env.get("REDIS_SSL_CERT_REQS", "required").strip().lower(),
+        redis_pool_size=_number(env, "REDIS_POOL_SIZE", 50, int),
+        redis_socket_timeout=_number(env, "REDIS_SOCKET_TIMEOUT", 2.0),
+        access_log=not _flag(env, "DISABLE_ACCESS_LOG"),
+    )
+    values.update(overrides)
+    return Settings(**values)

@@ -1,0 +1,145 @@
+"""What the gateway sends upstream: target path, headers and body, built from the WSGI environ.
+
+Everything here works on the raw request so vLLM receives exactly what the caller sent.
+"""
+from __future__ import annotations
+
+import re
+import uuid
+from urllib.parse import unquote
+
+from werkzeug.http import is_hop_by_hop_header
+
+from gateway.errors import GatewayError
+
+PREFIX = "/vllm"
+
+# Every header a caller may put its gateway key in: none of them may reach vLLM (LiteLLM #32202).
+CREDENTIAL_ENVIRON_KEYS = ("HTTP_X_LITELLM_API_KEY", "HTTP_AUTHORIZATION", "HTTP_API_KEY", "HTTP_X_API_KEY")
+# Headers the gateway recomputes or owns instead of copying.
+_REPLACED = frozenset({
+    "HTTP_HOST", "HTTP_CONTENT_LENGTH", "HTTP_X_REQUEST_ID", "HTTP_X_FORWARDED_FOR",
+    "HTTP_X_FORWARDED_PROTO", "HTTP_EXPECT", "HTTP_PROXY_CONNECTION",
+}) | frozenset(CREDENTIAL_ENVIRON_KEYS)
+
+# Bytes that may stand in a request target as they are; anything else is percent-encoded
+# (http.client refuses non-ASCII and control characters, and '#' would end the path).
+_UNSAFE = re.compile(rb"[^\x21-\x7e]|#")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def _quote_unsafe(raw: bytes) -> str:
+    return _UNSAFE.sub(lambda m: b"%%%02X" % m.group()[0], raw).decode("ascii")
+
+
+def _has_dot_segment(path: str) -> bool:
+    """True when any segment is '.' or '..', however often it was percent-encoded."""
+    for _ in range(4):
+        if any(seg in (".", "..") for seg in re.split(r"[/\\]", path)):
+            return True
+        decoded = unquote(path)
+        if decoded == path:
+            return False
+        path = decoded
+    return True  # encoded more than three times over: refuse rather than guess
+
+
+def raw_target(environ) -> str:
+    """The request target as the client sent it (path and query, percent-encoding intact)."""
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if raw is None:
+        # No server-provided raw URI: rebuild one from the decoded parts.
+        path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        query = environ.get("QUERY_STRING", "")
+        raw = _quote_unsafe(path.encode("latin-1", "replace")).replace("?", "%3F")
+        return raw + ("?" + query if query else "")
+    if not raw.startswith("/"):
+        # absolute-form ("GET http://host/vllm/x HTTP/1.1"): drop scheme and authority.
+        scheme_end = raw.find("://")
+        slash = raw.find("/", scheme_end + 3) if scheme_end >= 0 else -1
+        raw = raw[slash:] if slash >= 0 else "/"
+    return raw
+
+
+def upstream_path(environ, base_path: str) -> str:
+    """Map `/vllm/<rest>` to `<base_path>/<rest>`; refuse anything that could climb above it."""
+    raw = raw_target(environ)
+    if not raw.startswith(PREFIX) or raw[len(PREFIX):len(PREFIX) + 1] not in ("", "/", "?"):
+        raise GatewayError(400, "the /vllm prefix must be written literally, without percent-encoding")
+    rest = raw[len(PREFIX):]
+    path, sep, query = rest.partition("?")
+    if _has_dot_segment(path):
+        raise GatewayError(400, "the path after /vllm may not contain '.' or '..' segments")
+    path = _quote_unsafe(path.encode("latin-1", "replace"))
+    if sep:
+        query = _quote_unsafe(query.encode("latin-1", "replace"))
+    return (base_path + path or "/") + sep + query
+
+
+def request_id_for(environ) -> str:
+    """The caller's X-Request-Id when it is a sane token, else a new one."""
+    given = environ.get("HTTP_X_REQUEST_ID")
+    if given and _REQUEST_ID.fullmatch(given):
+        return given
+    return uuid.uuid4().hex
+
+
+def _connection_named(environ) -> frozenset:
+    value = environ.get("HTTP_CONNECTION")
+    if not value:
+        return frozenset()
+    return frozenset("HTTP_" + t.strip().upper().replace("-", "_") for t in value.split(",") if t.strip())
+
+
+def forward_headers(environ, request_id: str, upstream_auth: str | None) -> dict:
+    """Caller headers minus hop-by-hop, Host, Content-Length and credentials; plus ours."""
+    named = _connection_named(environ)
+    headers = {}
+    for key, value in environ.items():
+        if not key.startswith("HTTP_") or key in _REPLACED or key in named:
+            continue
+        name = key[5:].replace("_", "-").title()
+        if is_hop_by_hop_header(name):
+            continue
+        headers[name] = value
+    content_type = environ.get("CONTENT_TYPE")
+    if content_type:
+        headers["Content-Type"] = content_type
+    headers["X-Request-Id"] = request_id
+    remote = environ.get("REMOTE_ADDR") or "unknown"
+    prior = environ.get("HTTP_X_FORWARDED_FOR")
+    headers["X-Forwarded-For"] = f"{prior}, {remote}" if prior else remote
+    headers["X-Forwarded-Proto"] = environ.get("HTTP_X_FORWARDED_PROTO") or environ.get("wsgi.url_scheme", "http")
+    if upstream_auth:
+        headers["Authorization"] = upstream_auth
+    return headers
+
+
+def read_body(environ, limit: int) -> bytes:
+    """The exact request body bytes; 413 past `limit` without reading the rest."""
+    stream = environ["wsgi.input"]
+    length = environ.get("CONTENT_LENGTH")
+    if length:
+        try:
+            size = int(length)
+        except ValueError:
+            raise GatewayError(400, "Content-Length is not a number") from None
+        if size < 0:
+            raise GatewayError(400, "Content-Length is negative")
+        if size > limit:
+            raise GatewayError(413, f"request body of {size} bytes exceeds the {limit}-byte limit")
+        body = stream.read(size) if size else b""
+        if len(body) != size:
+            raise GatewayError(400, "request body ended before Content-Length bytes arrived")
+        return body
+    if "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower() and not environ.get("wsgi.input_terminated"):
+        return b""
+    parts, total = [], 0
+    while True:
+        piece = stream.read(65536)
+        if not piece:
+            return b"".join(parts)
+        total += len(piece)
+        if total > limit:
+            raise GatewayError(413, f"request body exceeds the {limit}-byte limit")
+        parts.append(piece)

@@ -1,0 +1,36 @@
+"""gunicorn settings for the gateway (Procfile: `gunicorn -c gunicorn.conf.py wsgi:app`).
+
+Imports nothing that opens sockets or SSL: the gevent worker monkey-patches when it boots,
+and anything imported here first (requests, ssl, urllib3) would escape the patching.
+"""
+import os
+import sys
+
+from gateway.config import ConfigError, load_settings, redis_url_from
+
+bind = f"0.0.0.0:{os.environ.get('PORT', '4000')}"
+worker_class = "gevent"
+# Each open stream holds one connection: leave room for a thousand of them per worker.
+worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "2000"))
+# Without Redis the keystore lives inside one process, so a second worker would not see it.
+workers = int(os.environ.get("WEB_CONCURRENCY", "2")) if redis_url_from(os.environ) else 1
+# With gevent this is a liveness timeout for a stuck worker, not a request timeout.
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
+# Heroku sends SIGKILL 30 s after SIGTERM: let running streams use almost all of it.
+graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "28"))
+keepalive = int(os.environ.get("KEEPALIVE", "75"))
+# Several masters on one machine would fight over the default control socket path.
+control_socket_disable = True
+accesslog = None  # the gateway writes its own JSON line per request
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info")
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+
+
+def on_starting(server):
+    """Refuse to start with a clear message instead of a worker traceback loop."""
+    try:
+        load_settings()
+    except ConfigError as exc:
+        print(f"gateway configuration error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)

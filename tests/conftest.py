@@ -1,0 +1,221 @@
+"""Shared fixtures: a real fake-vLLM server on loopback, the Flask app, real gunicorn gateways."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+
+from app import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+MASTER_KEY = "sk-test-master-0123456789abcdef"
+UPSTREAM_KEY = "vllm-upstream-secret-key-42"
+
+
+class OutputWatcher:
+    """Drains a child's pipe into a list of lines and lets a test wait for a line."""
+
+    def __init__(self, pipe):
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._drain, args=(pipe,), daemon=True)
+        self._thread.start()
+
+    def _drain(self, pipe):
+        for line in iter(pipe.readline, ""):
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self.lines.append(None)  # EOF marker
+            self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 20.0, start: int = 0):
+        """Block until a line matches `pattern` (regex); return the match."""
+        regex = re.compile(pattern)
+        seen = start
+
+        def found():
+            nonlocal seen
+            while seen < len(self.lines):
+                line = self.lines[seen]
+                seen += 1
+                if line is None:
+                    raise RuntimeError("process output ended before " + pattern + ":\n" + self.text())
+                m = regex.search(line)
+                if m:
+                    return m
+            return None
+
+        with self._cond:
+            match = self._cond.wait_for(found, timeout)
+        if not match:
+            raise TimeoutError(f"no line matching {pattern!r} within {timeout}s:\n{self.text()}")
+        return match
+
+    def text(self) -> str:
+        return "\n".join(line for line in self.lines if line is not None)
+
+    def json_lines(self) -> list[dict]:
+        out = []
+        for line in self.lines:
+            if line and line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+        return out
+
+
+class FakeVLLM:
+    """Handle on a `python -m fakevllm` subprocess and its introspection endpoints."""
+
+    def __init__(self, extra_args=()):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fakevllm", "--host", "127.0.0.1", "--port", "0", *extra_args],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.out = OutputWatcher(self.proc.stdout)
+        self.url = self.out.wait_for(r"listening on (http://\S+)").group(1)
+        self.port = int(self.url.rsplit(":", 1)[1])
+        self.http = requests.Session()
+
+    def requests(self) -> list[dict]:
+        return self.http.get(self.url + "/_fake/requests", timeout=5).json()["requests"]
+
+    def last(self) -> dict:
+        recorded = self.requests()
+        assert recorded, "the fake vLLM received no request"
+        return recorded[-1]
+
+    def clear(self):
+        self.http.delete(self.url + "/_fake/requests", timeout=5)
+
+    def wait_event(self, type_: str, request_id: str, timeout: float = 5.0):
+        resp = self.http.get(self.url + "/_fake/wait", timeout=timeout + 5,
+                             params={"type": type_, "request_id": request_id, "timeout": timeout})
+        return resp.status_code, resp.json()
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def header(recorded: dict, name: str):
+    """All values of header `name` in a recorded request (case-insensitive)."""
+    return [v for k, v in recorded["headers"] if k.lower() == name.lower()]
+
+
+@pytest.fixture(scope="session")
+def fake_vllm_server():
+    server = FakeVLLM(["--api-key", UPSTREAM_KEY])
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def vllm(fake_vllm_server) -> FakeVLLM:
+    """The shared fake vLLM, with its records cleared for this test."""
+    fake_vllm_server.clear()
+    return fake_vllm_server
+
+
+def gateway_environ(vllm_url: str, **extra) -> dict:
+    env = {
+        "HOSTED_VLLM_API_BASE": vllm_url,
+        "HOSTED_VLLM_API_KEY": UPSTREAM_KEY,
+        "LITELLM_MASTER_KEY": MASTER_KEY,
+    }
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+@pytest.fixture
+def app(vllm):
+    return create_app({"environ": gateway_environ(vllm.url)})
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+MASTER = {"Authorization": f"Bearer {MASTER_KEY}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class GatewayServer:
+    """A real `gunicorn -c gunicorn.conf.py wsgi:app` on loopback (the Procfile's command)."""
+
+    def __init__(self, env: dict, workers: int = 1, args=()):
+        self.port = free_port()
+        full_env = {k: v for k, v in os.environ.items() if k not in (
+            "HOSTED_VLLM_API_BASE", "VLLM_API_BASE", "HOSTED_VLLM_API_KEY", "VLLM_API_KEY",
+            "LITELLM_MASTER_KEY", "REDIS_URL", "DATABASE_URL")}
+        full_env.update(env)
+        full_env["WEB_CONCURRENCY"] = str(workers)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app",
+             "--bind", f"127.0.0.1:{self.port}", *args],
+            cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.stdout = OutputWatcher(self.proc.stdout)
+        self.stderr = OutputWatcher(self.proc.stderr)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.stderr.wait_for(r"Listening at")
+        # The listening socket queues connections until a worker has loaded the app.
+        requests.get(self.url + "/health/liveliness", timeout=30).raise_for_status()
+
+    def access_lines(self) -> list[dict]:
+        return [line for line in self.stdout.json_lines() if "request_id" in line]
+
+    def stop(self, sig=None):
+        if self.proc.poll() is None:
+            self.proc.terminate() if sig is None else self.proc.send_signal(sig)
+        try:
+            self.proc.wait(40)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def start_gateway():
+    """Factory: start real gunicorn gateways; all are stopped after the test."""
+    servers = []
+
+    def start(env: dict, workers: int = 1, args=()):
+        server = GatewayServer(env, workers, args)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_gateway(fake_vllm_server):
+    server = GatewayServer(gateway_environ(fake_vllm_server.url))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gateway(vllm, shared_gateway) -> GatewayServer:
+    """A real gunicorn gateway in front of the fake vLLM (shared; tests tell lines apart by request id)."""
+    return shared_gateway

@@ -1,0 +1,39 @@
+"""Liveness and readiness probes."""
+import socket
+
+from app import create_app
+from tests.conftest import gateway_environ
+
+
+def test_liveliness_needs_no_key(client):
+    for path in ("/health/liveliness", "/health/liveness"):
+        resp = client.get(path)
+        assert resp.status_code == 200 and resp.get_json() == "I'm alive!"
+
+
+def test_readiness_names_the_upstream(client, vllm):
+    resp = client.get("/health/readiness")
+    assert resp.status_code == 200
+    body = resp.get_json()
+    assert body["status"] == "healthy" and body["dependencies"]["upstream"]["status"] == "up"
+
+
+def test_readiness_is_503_when_vllm_is_down():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = create_app({"environ": gateway_environ(f"http://127.0.0.1:{port}")}).test_client()
+    resp = client.get("/health/readiness")
+    assert resp.status_code == 503
+    assert resp.get_json()["dependencies"]["upstream"] == {"status": "down", "detail": "connection refused"}
+
+
+def test_unknown_route_is_a_404_envelope(client):
+    resp = client.get("/v1/chat/completions")
+    assert resp.status_code == 404
+    assert resp.get_json()["error"]["type"] == "not_found_error"
+
+
+def test_wrong_method_is_a_405_envelope(client):
+    resp = client.post("/health/liveliness")
+    assert resp.status_code == 405 and resp.get_json()["error"]["code"] == "405"
