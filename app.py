@@ -12,7 +12,9 @@ from gateway.auth import Authenticator
 from gateway.config import Settings, load_settings
 from gateway.errors import GatewayError, error_body
 from gateway.forwarding import request_id_for
+from gateway.keystore import KeyStore
 from gateway.proxy import PassThrough
+from gateway.redisconn import make_redis
 from gateway.upstream import Upstream
 
 log = logging.getLogger("gateway")
@@ -22,9 +24,11 @@ def create_app(config=None) -> Flask:
     """Build the gateway.
 
     `config` may hold a ready `settings` (Settings), an `environ` mapping to read instead of
-    os.environ, and Settings field overrides; tests use it to inject clients and values.
+    os.environ, a ready `redis` client, and Settings field overrides; tests use it to inject
+    clients and values.
     """
     config = dict(config or {})
+    redis_client = config.pop("redis", None)
     settings = config.pop("settings", None)
     if settings is None:
         settings = load_settings(config.pop("environ", None), **config)
@@ -37,14 +41,20 @@ def create_app(config=None) -> Flask:
     upstream = Upstream(settings.upstream_base, api_key=settings.upstream_key,
                         connect_timeout=settings.connect_timeout,
                         read_timeout=settings.read_timeout, pool_size=settings.upstream_pool_size)
-    authenticator = Authenticator(settings.master_key)
+    if redis_client is None:
+        redis_client = make_redis(settings)
+    keystore = KeyStore(redis_client, settings.redis_prefix)
+    authenticator = Authenticator(settings.master_key, keystore)
+    app.extensions["gateway.redis"] = redis_client
+    app.extensions["gateway.keystore"] = keystore
     app.extensions["gateway.upstream"] = upstream
     app.extensions["gateway.auth"] = authenticator
     app.extensions["gateway.passthrough"] = PassThrough(upstream, authenticator, settings.max_body_bytes)
 
-    from blueprints import health, passthrough
+    from blueprints import health, keys, passthrough
     app.register_blueprint(passthrough.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(keys.bp)
 
     _install_request_record(app)
     _install_error_handlers(app)

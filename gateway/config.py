@@ -40,6 +40,7 @@ class Settings:
     redis_ssl_cert_reqs: str = "required"
     redis_pool_size: int = 50
     redis_socket_timeout: float = 2.0
+    redis_prefix: str = "vgw:"
     access_log: bool = True
 
     def __post_init__(self):
@@ -134,6 +135,7 @@ def load_settings(environ=None, **overrides) -> Settings:
         redis_ssl_cert_reqs=env.get("REDIS_SSL_CERT_REQS", "required").strip().lower(),
         redis_pool_size=_number(env, "REDIS_POOL_SIZE", 50, int),
         redis_socket_timeout=_number(env, "REDIS_SOCKET_TIMEOUT", 2.0),
+        redis_prefix=env.get("REDIS_KEY_PREFIX", "vgw:"),
         access_log=not _flag(env, "DISABLE_ACCESS_LOG"),
     )
     values.update(overrides)

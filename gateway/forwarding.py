@@ -61,19 +61,21 @@ def raw_target(environ) -> str:
     return raw
 
 
-def upstream_path(environ, base_path: str) -> str:
-    """Map `/vllm/<rest>` to `<base_path>/<rest>`; refuse anything that could climb above it."""
+def vllm_target(environ) -> tuple[str, str]:
+    """Split `/vllm/<rest>` into vLLM's path and the query (with its '?', or '').
+
+    Refuses anything that could climb above the base: dot segments, however encoded.
+    """
     raw = raw_target(environ)
     if not raw.startswith(PREFIX) or raw[len(PREFIX):len(PREFIX) + 1] not in ("", "/", "?"):
         raise GatewayError(400, "the /vllm prefix must be written literally, without percent-encoding")
-    rest = raw[len(PREFIX):]
-    path, sep, query = rest.partition("?")
+    path, sep, query = raw[len(PREFIX):].partition("?")
     if _has_dot_segment(path):
         raise GatewayError(400, "the path after /vllm may not contain '.' or '..' segments")
     path = _quote_unsafe(path.encode("latin-1", "replace"))
     if sep:
         query = _quote_unsafe(query.encode("latin-1", "replace"))
-    return (base_path + path or "/") + sep + query
+    return path, sep + query
 
 
 def request_id_for(environ) -> str:

@@ -5,7 +5,8 @@ import time
 
 from werkzeug.wrappers import Response
 
-from gateway.forwarding import forward_headers, read_body, upstream_path
+from gateway import policy
+from gateway.forwarding import forward_headers, read_body, vllm_target
 from gateway.upstream import RelayBody, read_small_body, response_headers
 
 
@@ -27,12 +28,18 @@ class PassThrough:
     def handle(self, environ, record) -> Response:
         identity = self.authenticator.authenticate(environ)
         record.caller = identity.label
-        method = environ["REQUEST_METHOD"]
-        path = upstream_path(environ, self.upstream.base_path)
+        path, query = vllm_target(environ)
+        if not identity.is_master:
+            policy.check_route(policy.policy_path(path), identity.key)
         body = read_body(environ, self.max_body_bytes)
         record.bytes_in = len(body)
+        if not identity.is_master and identity.key.get("models"):
+            fields = policy.body_fields(body, environ.get("CONTENT_TYPE")) if body else None
+            policy.check_model(fields, identity.key, bool(body))
+        method = environ["REQUEST_METHOD"]
         headers = forward_headers(environ, record.request_id, self.upstream.auth_header)
-        resp = self.upstream.send(method, path, headers, body)
+        target = (self.upstream.base_path + path or "/") + query
+        resp = self.upstream.send(method, target, headers, body)
         return self._relay(resp, method, record)
 
     def _relay(self, resp, method: str, record) -> Response:

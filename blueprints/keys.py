@@ -1,0 +1,156 @@
+"""Admin API for virtual keys, in LiteLLM's names and shapes (master key only)."""
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify, request
+
+from gateway.durations import parse_duration
+from gateway.errors import GatewayError
+from gateway.keyfields import KEY_FIELDS, reject_unknown, require_object, validate_fields
+
+bp = Blueprint("keys", __name__, url_prefix="/key")
+
+UPDATABLE = set(KEY_FIELDS) - {"key"}
+
+
+@bp.before_request
+def master_only():
+    current_app.extensions["gateway.auth"].require_master(request.environ)
+
+
+def store():
+    return current_app.extensions["gateway.keystore"]
+
+
+def json_body() -> dict:
+    """The request's JSON object; an empty body counts as {}."""
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        return {}
+    payload = request.get_json(silent=True, force=True)
+    if payload is None:
+        raise GatewayError(400, "the body must be valid JSON")
+    return require_object(payload)
+
+
+def public(record: dict) -> dict:
+    """A record as shown to admins: internal fields dropped, spend merged in."""
+    shown = {k: v for k, v in record.items() if k not in ("expires_at",)}
+    usage = current_app.extensions.get("gateway.usage")
+    if usage is not None:
+        shown.update(usage.key_totals(record["token"]))
+    return shown
+
+
+def _identified(payload: dict) -> dict:
+    """The record named by `key` (key or token) or else `key_alias`."""
+    for field in ("key", "key_alias"):
+        value = payload.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value:
+            raise GatewayError(400, f"{field}: must be a non-empty string", param=field)
+        return store().find(key=value) if field == "key" else store().find(alias=value)
+    raise GatewayError(400, "key: give the key (or its token), or key_alias", param="key")
+
+
+@bp.post("/generate")
+def generate():
+    fields = validate_fields(json_body(), KEY_FIELDS)
+    created = store().generate(fields)
+    return jsonify(public(created))
+
+
+@bp.get("/info")
+def info():
+    key = request.args.get("key")
+    if not key:
+        raise GatewayError(400, "key: pass ?key=<key or token>", param="key")
+    record = store().find(key=key)
+    return jsonify({"key": record["token"], "info": public(record)})
+
+
+def _int_arg(name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise GatewayError(400, f"{name}: must be a whole number", param=name) from None
+    if not low <= value <= high:
+        raise GatewayError(400, f"{name}: must be between {low} and {high}", param=name)
+    return value
+
+
+@bp.get("/list")
+def list_keys():
+    full = request.args.get("return_full_object", "false").lower()
+    if full not in ("true", "false", "1", "0"):
+        raise GatewayError(400, "return_full_object: must be true or false", param="return_full_object")
+    result = store().list(
+        page=_int_arg("page", 1, 1, 10**6), size=_int_arg("size", 10, 1, 100),
+        key_alias=request.args.get("key_alias"), user_id=request.args.get("user_id"),
+        team_id=request.args.get("team_id"), full=full in ("true", "1"))
+    if full in ("true", "1"):
+        result["keys"] = [public(r) for r in result["keys"]]
+    return jsonify(result)
+
+
+@bp.post("/update")
+def update():
+    payload = json_body()
+    record = _identified(payload)
+    changes = {k: v for k, v in payload.items() if k != "key" and not (k == "key_alias" and "key" not in payload)}
+    never = changes.get("duration") in ("-1", -1)
+    if never:
+        changes.pop("duration")
+    changes = validate_fields(changes, UPDATABLE)
+    if never:
+        changes["duration"] = None
+    updated = store().update(record, changes)
+    return jsonify(public(updated))
+
+
+@bp.post("/delete")
+def delete():
+    payload = reject_unknown(json_body(), {"keys", "key_aliases"})
+    keys, aliases = payload.get("keys"), payload.get("key_aliases")
+    if not keys and not aliases:
+        raise GatewayError(400, "keys: give a non-empty list of keys, or key_aliases", param="keys")
+    for field, value in (("keys", keys), ("key_aliases", aliases)):
+        if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) and v for v in value)):
+            raise GatewayError(400, f"{field}: must be a list of strings", param=field)
+    records = [store().find(key=k) for k in keys or []] + [store().find(alias=a) for a in aliases or []]
+    store().delete(records)
+    return jsonify({"deleted_keys": (keys or []) + (aliases or [])})
+
+
+@bp.post("/regenerate")
+def regenerate():
+    payload = reject_unknown(json_body(), {"key", "key_alias", "grace_period", "new_key"})
+    record = _identified(payload)
+    grace = payload.get("grace_period")
+    grace_seconds = None
+    if grace is not None:
+        try:
+            grace_seconds = parse_duration(grace)
+        except ValueError as exc:
+            raise GatewayError(400, f"grace_period: {exc}", param="grace_period") from None
+    custom = KEY_FIELDS["key"]("new_key", payload.get("new_key"))
+    return jsonify(public(store().regenerate(record, grace_seconds, custom)))
+
+
+def _set_blocked(blocked: bool):
+    payload = reject_unknown(json_body(), {"key", "key_alias"})
+    record = _identified(payload)
+    return jsonify(public(store().update(record, {"blocked": blocked})))
+
+
+@bp.post("/block")
+def block():
+    return _set_blocked(True)
+
+
+@bp.post("/unblock")
+def unblock():
+    return _set_blocked(False)

@@ -1,0 +1,306 @@
+"""Virtual keys in Redis: only sha256(key) is stored, lifetimes are Redis TTLs.
+
+Layout under the prefix (default `vgw:`):
+  key:<token>      JSON record of the key, PX = remaining lifetime (none when it never expires)
+  alias:<alias>    token owning the alias, same lifetime as the key
+  gone:<token>     why a key no longer works ("expired" / "regenerated"), kept 30 days longer,
+                   so a caller hears "expired" rather than "invalid"; it holds no key material
+  keys             sorted set token -> expiry epoch (inf = never), for listing without KEYS
+Multi-key changes run in WATCH/MULTI transactions, so no concurrent admin call loses a write.
+"""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from datetime import datetime, timezone
+
+import redis
+
+from gateway.auth import Identity, hash_key
+from gateway.durations import parse_duration
+from gateway.errors import GatewayError
+
+GONE_RETENTION_MS = 30 * 86400 * 1000
+_TOKEN = re.compile(r"[0-9a-f]{64}")
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+def iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def key_name(key: str) -> str:
+    return f"sk-...{key[-4:]}"
+
+
+def new_key() -> str:
+    # 32 random bytes = 256 bits, above the 128 the product promises.
+    return "sk-" + secrets.token_urlsafe(32)
+
+
+def unavailable() -> GatewayError:
+    return GatewayError(503, "the key store (Redis) is unavailable, so virtual keys cannot be "
+                             "checked right now; retry shortly", "service_unavailable")
+
+
+class KeyStore:
+    """CRUD and authentication for virtual keys."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "vgw:"):
+        self.redis = client
+        self.prefix = prefix
+        self.index = prefix + "keys"
+
+    # -- names ------------------------------------------------------------------------------
+    def record_key(self, token: str) -> str:
+        return f"{self.prefix}key:{token}"
+
+    def alias_key(self, alias: str) -> str:
+        return f"{self.prefix}alias:{alias}"
+
+    def gone_key(self, token: str) -> str:
+        return f"{self.prefix}gone:{token}"
+
+    @staticmethod
+    def token_of(key_or_token: str) -> str:
+        """Accept the plaintext key or its token, as LiteLLM's /key/info does."""
+        if _TOKEN.fullmatch(key_or_token):
+            return key_or_token
+        return hash_key(key_or_token)
+
+    # -- reading ----------------------------------------------------------------------------
+    def ping(self) -> tuple[bool, str]:
+        try:
+            self.redis.ping()
+        except REDIS_ERRORS as exc:
+            return False, type(exc).__name__
+        return True, "PONG"
+
+    def get(self, token: str) -> dict | None:
+        try:
+            raw = self.redis.get(self.record_key(token))
+        except REDIS_ERRORS:
+            raise unavailable() from None
+        return json.loads(raw) if raw else None
+
+    def find(self, key: str | None = None, alias: str | None = None) -> dict:
+        """The record for a key/token or an alias; 404 when there is none."""
+        try:
+            if key is not None:
+                token = self.token_of(key)
+            else:
+                token = self.redis.get(self.alias_key(alias))
+        except REDIS_ERRORS:
+            raise unavailable() from None
+        record = self.get(token) if token else None
+        if record is None:
+            what = f"key_alias {alias!r}" if key is None else "key"
+            raise GatewayError(404, f"no such {what} (it may have expired or been deleted)", "not_found_error",
+                               param="key" if key is not None else "key_alias")
+        return record
+
+    def authenticate(self, credential: str) -> Identity:
+        """One round trip: the record and, for a missing one, why it is gone."""
+        token = hash_key(credential)
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.get(self.record_key(token))
+            pipe.get(self.gone_key(token))
+            raw, gone = pipe.execute()
+        except REDIS_ERRORS:
+            raise unavailable() from None
+        if raw is None:
+            if gone == "expired":
+                raise GatewayError(401, "API key expired", "expired_key")
+            if gone == "regenerated":
+                raise GatewayError(401, "API key was regenerated; use the new key", "auth_error")
+            raise GatewayError(401, "Invalid API key", "auth_error")
+        record = json.loads(raw)
+        expires_at = record.get("expires_at")
+        if expires_at is not None and time.time() >= expires_at:
+            raise GatewayError(401, f"API key expired at {record['expires']}", "expired_key")
+        if record.get("blocked"):
+            raise GatewayError(401, "API key is blocked", "auth_error")
+        return Identity(is_master=False, token=token, key=record)
+
+    def list(self, page: int, size: int, key_alias=None, user_id=None, team_id=None, full=False) -> dict:
+        try:
+            self.redis.zremrangebyscore(self.index, "-inf", time.time())
+            tokens = self.redis.zrange(self.index, 0, -1)
+            records = []
+            for start in range(0, len(tokens), 500):
+                batch = tokens[start:start + 500]
+                raws = self.redis.mget([self.record_key(t) for t in batch])
+                records += [json.loads(r) for r in raws if r]
+        except REDIS_ERRORS:
+            raise unavailable() from None
+        now = time.time()
+        records = [r for r in records
+                   if (r.get("expires_at") is None or r["expires_at"] > now)
+                   and (key_alias is None or r.get("key_alias") == key_alias)
+                   and (user_id is None or r.get("user_id") == user_id)
+                   and (team_id is None or r.get("team_id") == team_id)]
+        records.sort(key=lambda r: (r["created_at"], r["token"]), reverse=True)
+        total = len(records)
+        chosen = records[(page - 1) * size: page * size]
+        return {
+            "keys": chosen if full else [r["token"] for r in chosen],
+            "total_count": total,
+            "current_page": page,
+            "total_pages": (total + size - 1) // size,
+        }
+
+    # -- writing ----------------------------------------------------------------------------
+    def _transaction(self, fn, *watched):
+        try:
+            return self.redis.transaction(fn, *watched, value_from_callable=True)
+        except REDIS_ERRORS:
+            raise unavailable() from None
+
+    def _alias_taken(self, pipe, alias: str, token: str) -> bool:
+        owner = pipe.get(self.alias_key(alias))
+        return bool(owner) and owner != token and bool(pipe.exists(self.record_key(owner)))
+
+    def _write(self, pipe, record: dict, ttl_ms: int | None, *, keep_ttl=False):
+        """Queue the writes for one record (inside MULTI)."""
+        token, alias = record["token"], record.get("key_alias")
+        body = json.dumps(record, separators=(",", ":"))
+        if keep_ttl:
+            pipe.set(self.record_key(token), body, keepttl=True)
+        elif ttl_ms:
+            pipe.set(self.record_key(token), body, px=ttl_ms)
+            pipe.set(self.gone_key(token), "expired", px=ttl_ms + GONE_RETENTION_MS)
+        else:
+            pipe.set(self.record_key(token), body)
+            pipe.delete(self.gone_key(token))
+        if alias:
+            if keep_ttl and ttl_ms:
+                pipe.set(self.alias_key(alias), token, px=ttl_ms)
+            elif ttl_ms:
+                pipe.set(self.alias_key(alias), token, px=ttl_ms)
+            else:
+                pipe.set(self.alias_key(alias), token)
+        score = record["expires_at"] if record.get("expires_at") is not None else "+inf"
+        pipe.zadd(self.index, {token: score})
+
+    def generate(self, fields: dict) -> dict:
+        """Create a key from validated fields; returns the record plus the plaintext `key`."""
+        key = fields.pop("key", None) or new_key()
+        token = hash_key(key)
+        now = time.time()
+        ttl = parse_duration(fields["duration"]) if fields.get("duration") else None
+        record = {
+            "token": token, "key_name": key_name(key),
+            "key_alias": None, "duration": None, "models": [], "max_budget": None,
+            "budget_duration": None, "metadata": {}, "user_id": None, "team_id": None,
+            "rpm_limit": None, "tpm_limit": None, "max_parallel_requests": None,
+            "allowed_routes": [], "blocked": False, "tags": [],
+        }
+        record.update(fields)
+        record.update(created_at=iso(now), updated_at=iso(now),
+                      expires_at=now + ttl if ttl else None, expires=iso(now + ttl) if ttl else None)
+        if record.get("budget_duration"):
+            record["budget_reset_at"] = iso(now + parse_duration(record["budget_duration"]))
+        alias = record.get("key_alias")
+
+        def create(pipe):
+            if pipe.exists(self.record_key(token)):
+                raise GatewayError(400, "key: a key with this value already exists", param="key")
+            if alias and self._alias_taken(pipe, alias, token):
+                raise GatewayError(400, f"key_alias: {alias!r} is already used by another key", param="key_alias")
+            pipe.multi()
+            self._write(pipe, record, ttl * 1000 if ttl else None)
+
+        watched = [self.record_key(token)] + ([self.alias_key(alias)] if alias else [])
+        self._transaction(create, *watched)
+        return {**record, "key": key}
+
+    def update(self, record: dict, changes: dict) -> dict:
+        """Apply validated changes; a new duration restarts the lifetime, "-1" removes it."""
+        token = record["token"]
+        now = time.time()
+        new_alias = changes.get("key_alias", record.get("key_alias"))
+        old_alias = record.get("key_alias")
+
+        def apply(pipe):
+            current = pipe.get(self.record_key(token))
+            if current is None:
+                raise GatewayError(404, "no such key (it may have expired or been deleted)", "not_found_error", param="key")
+            updated = json.loads(current)
+            updated.update({k: v for k, v in changes.items() if k != "duration"})
+            updated["updated_at"] = iso(now)
+            if "budget_duration" in changes:
+                bd = changes["budget_duration"]
+                updated["budget_reset_at"] = iso(now + parse_duration(bd)) if bd else None
+            if new_alias and new_alias != old_alias and self._alias_taken(pipe, new_alias, token):
+                raise GatewayError(400, f"key_alias: {new_alias!r} is already used by another key", param="key_alias")
+            keep_ttl, ttl_ms = True, None
+            if "duration" in changes:
+                keep_ttl = False
+                duration = changes["duration"]
+                seconds = parse_duration(duration) if duration else None
+                ttl_ms = seconds * 1000 if seconds else None
+                updated["duration"] = duration
+                updated["expires_at"] = now + seconds if seconds else None
+                updated["expires"] = iso(updated["expires_at"])
+            else:
+                remaining = pipe.pttl(self.record_key(token))
+                ttl_ms = remaining if remaining and remaining > 0 else None
+            pipe.multi()
+            if old_alias and old_alias != new_alias:
+                pipe.delete(self.alias_key(old_alias))
+            self._write(pipe, updated, ttl_ms, keep_ttl=keep_ttl)
+            return updated
+
+        watched = [self.record_key(token)] + [self.alias_key(a) for a in {old_alias, new_alias} if a]
+        return self._transaction(apply, *watched)
+
+    def delete(self, records: list[dict]) -> None:
+        """Delete several keys at once (all or nothing)."""
+        def remove(pipe):
+            owners = {r["key_alias"]: pipe.get(self.alias_key(r["key_alias"])) for r in records if r.get("key_alias")}
+            pipe.multi()
+            for r in records:
+                pipe.delete(self.record_key(r["token"]), self.gone_key(r["token"]))
+                pipe.zrem(self.index, r["token"])
+                if owners.get(r.get("key_alias")) == r["token"]:
+                    pipe.delete(self.alias_key(r["key_alias"]))
+
+        watched = [self.alias_key(r["key_alias"]) for r in records if r.get("key_alias")]
+        self._transaction(remove, *watched)
+
+    def regenerate(self, record: dict, grace_seconds: int | None, custom_key: str | None = None) -> dict:
+        """Issue a new key with the same settings; the old one stops now or after the grace period."""
+        key = custom_key or new_key()
+        token, old = hash_key(key), record["token"]
+        now = time.time()
+
+        def swap(pipe):
+            current = pipe.get(self.record_key(old))
+            if current is None:
+                raise GatewayError(404, "no such key (it may have expired or been deleted)", "not_found_error", param="key")
+            if pipe.exists(self.record_key(token)):
+                raise GatewayError(400, "new_key: a key with this value already exists", param="new_key")
+            fresh = json.loads(current)
+            remaining = pipe.pttl(self.record_key(old))
+            ttl_ms = remaining if remaining and remaining > 0 else None
+            fresh.update(token=token, key_name=key_name(key), updated_at=iso(now), regenerated_at=iso(now))
+            pipe.multi()
+            self._write(pipe, fresh, ttl_ms)
+            if grace_seconds:
+                grace_ms = grace_seconds * 1000 if not ttl_ms else min(grace_seconds * 1000, ttl_ms)
+                pipe.pexpire(self.record_key(old), grace_ms)
+                pipe.zadd(self.index, {old: now + grace_ms / 1000})
+                pipe.set(self.gone_key(old), "regenerated", px=grace_ms + GONE_RETENTION_MS)
+            else:
+                pipe.delete(self.record_key(old))
+                pipe.zrem(self.index, old)
+                pipe.set(self.gone_key(old), "regenerated", px=GONE_RETENTION_MS)
+            return fresh
+
+        fresh = self._transaction(swap, self.record_key(old), self.record_key(token))
+        return {**fresh, "key": key}

@@ -1,0 +1,93 @@
+"""What a virtual key may do on /vllm: which vLLM routes, which models.
+
+The master key skips all of this. Route checks work on the decoded, slash-collapsed path,
+so `/v1/load%5Flora_adapter` or `//sleep` cannot slip past a rule.
+"""
+from __future__ import annotations
+
+import json
+import re
+from urllib.parse import unquote
+
+from gateway.errors import GatewayError
+
+# vLLM's inference and read-only routes (reference.md §2).
+DEFAULT_ALLOWED = ("/v1/", "/v2/", "/tokenize", "/detokenize", "/pooling", "/classify", "/score",
+                   "/rerank", "/invocations", "/health", "/ping", "/version", "/load", "/metrics")
+# Operator routes: never for a virtual key, even inside /v1 or when allowed_routes names them.
+OPERATOR_ROUTES = ("/sleep", "/wake_up", "/is_sleeping", "/collective_rpc", "/reset_", "/server_info",
+                   "/start_profile", "/stop_profile", "/pause", "/resume", "/is_paused",
+                   "/update_weights", "/scale_elastic_ep", "/v1/load_lora_adapter",
+                   "/v1/unload_lora_adapter", "/release_kv_cache_memory", "/fault_tolerance")
+
+
+def policy_path(path: str) -> str:
+    """vLLM's path decoded, repeated slashes collapsed, lower-cased."""
+    for _ in range(3):
+        decoded = unquote(path)
+        if decoded == path:
+            break
+        path = decoded
+    path = re.sub(r"/{2,}", "/", path.replace("\\", "/")).lower()
+    return path or "/"
+
+
+def _matches(path: str, rule: str) -> bool:
+    """A rule is an exact path, a prefix ending in '/', or a prefix ending in '*'."""
+    rule = rule.lower()
+    if rule.endswith("*"):
+        return path.startswith(rule[:-1])
+    if rule.endswith("/"):
+        return path.startswith(rule)
+    return path == rule or path.startswith(rule + "/")
+
+
+def check_route(path: str, key: dict) -> None:
+    """403 unless the key may call this vLLM path."""
+    if any(path.startswith(r) for r in OPERATOR_ROUTES):
+        raise GatewayError(403, f"virtual keys may not call vLLM's operator route {path}", "permission_error")
+    if not any(_matches(path, r) for r in DEFAULT_ALLOWED):
+        raise GatewayError(403, f"virtual keys may not call {path}", "permission_error")
+    allowed = [r[5:] if r.lower().startswith("/vllm/") else r for r in key.get("allowed_routes") or []]
+    if allowed and not any(_matches(path, r) for r in allowed):
+        raise GatewayError(403, f"this key's allowed_routes do not include {path}", "permission_error")
+
+
+def body_fields(body: bytes, content_type: str | None) -> dict | None:
+    """The top-level fields of a JSON object body or the text fields of a multipart form;
+    None when the body is neither (or unreadable)."""
+    ctype = (content_type or "").lower()
+    if ctype.startswith("multipart/form-data"):
+        return _form_fields(body, content_type)
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _form_fields(body: bytes, content_type: str) -> dict | None:
+    from io import BytesIO
+
+    from werkzeug.formparser import parse_form_data
+
+    environ = {"REQUEST_METHOD": "POST", "CONTENT_TYPE": content_type, "CONTENT_LENGTH": str(len(body)),
+               "wsgi.input": BytesIO(body)}
+    try:
+        _, form, _ = parse_form_data(environ, silent=False)
+    except Exception:  # werkzeug raises several types for malformed multipart
+        return None
+    return form.to_dict()
+
+
+def check_model(fields: dict | None, key: dict, has_body: bool) -> None:
+    """With a model allow-list, the body's model must be on it; unreadable means refused."""
+    models = key.get("models") or []
+    if not models or not has_body:
+        return
+    model = fields.get("model") if fields is not None else None
+    if not isinstance(model, str):
+        raise GatewayError(403, "this key is limited to certain models and the request's model could "
+                                "not be read from its body", "key_model_access_denied", param="model")
+    if model not in models:
+        raise GatewayError(403, f"this key may not use model {model!r}", "key_model_access_denied", param="model")

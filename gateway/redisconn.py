@@ -1,0 +1,38 @@
+"""The Redis client: a blocking pool sized for gevent, or an embedded fakeredis when none is set."""
+from __future__ import annotations
+
+import logging
+import ssl
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+log = logging.getLogger("gateway")
+
+
+def make_redis(settings) -> redis.Redis:
+    """One client per worker. Without REDIS_URL: an in-process store, announced loudly."""
+    if not settings.redis_url:
+        import fakeredis
+
+        log.warning("NO REDIS CONFIGURED: virtual keys, spend and limits live only in this process "
+                    "and are lost when it stops. Set REDIS_URL for anything but a demo.")
+        return fakeredis.FakeRedis(decode_responses=True)
+    extra = {}
+    if settings.redis_url.startswith("rediss://") and settings.redis_ssl_cert_reqs == "none":
+        # Heroku Redis presents a self-signed certificate: opt-in, documented trade-off.
+        extra["ssl_cert_reqs"] = ssl.CERT_NONE
+    pool = redis.BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_pool_size,
+        timeout=settings.redis_socket_timeout,  # wait this long for a free connection, then fail
+        socket_timeout=settings.redis_socket_timeout,
+        socket_connect_timeout=settings.redis_socket_timeout,
+        health_check_interval=30,
+        decode_responses=True,
+        # One quick retry, no backoff: an outage must become a fast 503, not a stalled request.
+        retry=Retry(NoBackoff(), 1),
+        **extra,
+    )
+    return redis.Redis(connection_pool=pool)
