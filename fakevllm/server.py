@@ -11,12 +11,24 @@ show what a gateway really sent, so the handler adds:
 Import this only after ``gevent.monkey.patch_all()``.
 """
 
+import socket
+
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
 __all__ = ["FakeHandler", "make_server"]
 
 
 class FakeHandler(WSGIHandler):
+    def __init__(self, sock, address, server, rfile=None):
+        # pywsgi writes the header block and the body with separate send()
+        # calls; with Nagle on, the body waits for the client's delayed ACK
+        # (~40 ms per response).  Streams want each event out at once, too.
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass  # not TCP (e.g. a Unix socket)
+        super().__init__(sock, address, server, rfile)
+
     def get_environ(self):
         env = super().get_environ()
         env["RAW_URI"] = self.path

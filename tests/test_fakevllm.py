@@ -410,6 +410,25 @@ def test_recording_raw_request(srv):
     assert srv.get("/_fake/events").json()["events"] == []
 
 
+def test_chunked_upload_is_recorded(srv):
+    req_id = rid()
+    r = srv.post("/echo/up", data=iter([b"ab", b"cde"]), headers={"X-Request-Id": req_id})
+    assert r.json()["body_length"] == 5
+    rec = [x for x in srv.get("/_fake/requests").json()["requests"] if x["request_id"] == req_id]
+    assert base64.b64decode(rec[0]["body_b64"]) == b"abcde"
+    assert ["Transfer-Encoding", "chunked"] in rec[0]["headers"]
+
+
+def test_messages_and_invocations(srv):
+    r = srv.post("/v1/messages", json={"messages": [{"role": "user", "content": "a b"}],
+                                       "stream": True}, stream=True)
+    events = sse_events(stream_chunks(r))
+    assert events[0].startswith("event: message_start\n")
+    assert events[-1].startswith("event: message_stop\n")
+    body = srv.post("/invocations", json=CHAT).json()
+    assert body["object"] == "chat.completion"
+
+
 def test_recording_keeps_last_1000(srv):
     for i in range(1005):
         srv.get("/health", params={"i": i})
