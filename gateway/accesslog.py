@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -62,6 +63,7 @@ class RequestRecord:
             "stream": self.stream,
             "caller": self.caller,
             "error": self.error,
+            "worker": os.getpid(),
         }
         if self.extra:
             line.update(self.extra)

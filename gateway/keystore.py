@@ -165,27 +165,25 @@ class KeyStore:
         owner = pipe.get(self.alias_key(alias))
         return bool(owner) and owner != token and bool(pipe.exists(self.record_key(owner)))
 
-    def _write(self, pipe, record: dict, ttl_ms: int | None, *, keep_ttl=False):
-        """Queue the writes for one record (inside MULTI)."""
+    def _write(self, pipe, record: dict):
+        """Queue the writes for one record (inside MULTI).
+
+        Lifetimes are absolute (PXAT from `expires_at`), so Redis and the record agree on the
+        instant a key dies, and rewriting a record never stretches its life.
+        """
         token, alias = record["token"], record.get("key_alias")
         body = json.dumps(record, separators=(",", ":"))
-        if keep_ttl:
-            pipe.set(self.record_key(token), body, keepttl=True)
-        elif ttl_ms:
-            pipe.set(self.record_key(token), body, px=ttl_ms)
-            pipe.set(self.gone_key(token), "expired", px=ttl_ms + GONE_RETENTION_MS)
+        expires_at = record.get("expires_at")
+        at_ms = int(expires_at * 1000) if expires_at is not None else None
+        if at_ms:
+            pipe.set(self.record_key(token), body, pxat=at_ms)
+            pipe.set(self.gone_key(token), "expired", pxat=at_ms + GONE_RETENTION_MS)
         else:
             pipe.set(self.record_key(token), body)
             pipe.delete(self.gone_key(token))
         if alias:
-            if keep_ttl and ttl_ms:
-                pipe.set(self.alias_key(alias), token, px=ttl_ms)
-            elif ttl_ms:
-                pipe.set(self.alias_key(alias), token, px=ttl_ms)
-            else:
-                pipe.set(self.alias_key(alias), token)
-        score = record["expires_at"] if record.get("expires_at") is not None else "+inf"
-        pipe.zadd(self.index, {token: score})
+            pipe.set(self.alias_key(alias), token, pxat=at_ms)
+        pipe.zadd(self.index, {token: expires_at if expires_at is not None else "+inf"})
 
     def generate(self, fields: dict) -> dict:
         """Create a key from validated fields; returns the record plus the plaintext `key`."""
@@ -213,7 +211,7 @@ class KeyStore:
             if alias and self._alias_taken(pipe, alias, token):
                 raise GatewayError(400, f"key_alias: {alias!r} is already used by another key", param="key_alias")
             pipe.multi()
-            self._write(pipe, record, ttl * 1000 if ttl else None)
+            self._write(pipe, record)
 
         watched = [self.record_key(token)] + ([self.alias_key(alias)] if alias else [])
         self._transaction(create, *watched)
@@ -238,22 +236,16 @@ class KeyStore:
                 updated["budget_reset_at"] = iso(now + parse_duration(bd)) if bd else None
             if new_alias and new_alias != old_alias and self._alias_taken(pipe, new_alias, token):
                 raise GatewayError(400, f"key_alias: {new_alias!r} is already used by another key", param="key_alias")
-            keep_ttl, ttl_ms = True, None
             if "duration" in changes:
-                keep_ttl = False
                 duration = changes["duration"]
                 seconds = parse_duration(duration) if duration else None
-                ttl_ms = seconds * 1000 if seconds else None
                 updated["duration"] = duration
                 updated["expires_at"] = now + seconds if seconds else None
                 updated["expires"] = iso(updated["expires_at"])
-            else:
-                remaining = pipe.pttl(self.record_key(token))
-                ttl_ms = remaining if remaining and remaining > 0 else None
             pipe.multi()
             if old_alias and old_alias != new_alias:
                 pipe.delete(self.alias_key(old_alias))
-            self._write(pipe, updated, ttl_ms, keep_ttl=keep_ttl)
+            self._write(pipe, updated)
             return updated
 
         watched = [self.record_key(token)] + [self.alias_key(a) for a in {old_alias, new_alias} if a]
@@ -286,16 +278,16 @@ class KeyStore:
             if pipe.exists(self.record_key(token)):
                 raise GatewayError(400, "new_key: a key with this value already exists", param="new_key")
             fresh = json.loads(current)
-            remaining = pipe.pttl(self.record_key(old))
-            ttl_ms = remaining if remaining and remaining > 0 else None
             fresh.update(token=token, key_name=key_name(key), updated_at=iso(now), regenerated_at=iso(now))
             pipe.multi()
-            self._write(pipe, fresh, ttl_ms)
+            self._write(pipe, fresh)
             if grace_seconds:
-                grace_ms = grace_seconds * 1000 if not ttl_ms else min(grace_seconds * 1000, ttl_ms)
-                pipe.pexpire(self.record_key(old), grace_ms)
-                pipe.zadd(self.index, {old: now + grace_ms / 1000})
-                pipe.set(self.gone_key(old), "regenerated", px=grace_ms + GONE_RETENTION_MS)
+                old_end = now + grace_seconds
+                if fresh.get("expires_at") is not None:
+                    old_end = min(old_end, fresh["expires_at"])
+                pipe.pexpireat(self.record_key(old), int(old_end * 1000))
+                pipe.zadd(self.index, {old: old_end})
+                pipe.set(self.gone_key(old), "regenerated", pxat=int(old_end * 1000) + GONE_RETENTION_MS)
             else:
                 pipe.delete(self.record_key(old))
                 pipe.zrem(self.index, old)

@@ -219,3 +219,68 @@ def shared_gateway(fake_vllm_server):
 def gateway(vllm, shared_gateway) -> GatewayServer:
     """A real gunicorn gateway in front of the fake vLLM (shared; tests tell lines apart by request id)."""
     return shared_gateway
+
+
+# -- Redis: every keystore test runs on fakeredis and, when one answers, on the real server ---
+
+REAL_REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def real_redis_available() -> bool:
+    import redis
+    try:
+        redis.Redis.from_url(REAL_REDIS_URL, socket_timeout=1).ping()
+        return True
+    except Exception:
+        return False
+
+
+def _purge(client, prefix):
+    for name in client.scan_iter(match=prefix + "*", count=500):
+        client.delete(name)
+
+
+@pytest.fixture(params=["fakeredis", "redis"])
+def redis_client(request):
+    """A Redis client (decode_responses) and a unique key prefix, cleaned up afterwards."""
+    import uuid
+
+    import fakeredis
+    import redis
+
+    if request.param == "redis":
+        if not real_redis_available():
+            pytest.skip(f"no Redis at {REAL_REDIS_URL}")
+        client = redis.Redis.from_url(REAL_REDIS_URL, decode_responses=True)
+    else:
+        client = fakeredis.FakeRedis(decode_responses=True)
+    prefix = f"test-{uuid.uuid4().hex[:10]}:"
+    client.test_prefix = prefix
+    yield client
+    _purge(client, prefix)
+
+
+@pytest.fixture
+def kapp(vllm, redis_client):
+    """The app with a keystore on `redis_client`."""
+    env = gateway_environ(vllm.url, REDIS_KEY_PREFIX=redis_client.test_prefix)
+    return create_app({"environ": env, "redis": redis_client})
+
+
+@pytest.fixture
+def kclient(kapp):
+    return kapp.test_client()
+
+
+@pytest.fixture
+def real_redis_prefix():
+    """A unique prefix on the real Redis, for tests of several gateway processes sharing it."""
+    import uuid
+
+    import redis
+    if not real_redis_available():
+        pytest.skip(f"no Redis at {REAL_REDIS_URL}")
+    client = redis.Redis.from_url(REAL_REDIS_URL, decode_responses=True)
+    prefix = f"test-{uuid.uuid4().hex[:10]}:"
+    yield client, prefix
+    _purge(client, prefix)

@@ -1,0 +1,48 @@
+"""Virtual keys across real gunicorn workers and restarts, on the real Redis."""
+import requests
+
+from tests.conftest import MASTER, REAL_REDIS_URL, gateway_environ
+
+
+def gen(url, **fields):
+    resp = requests.post(url + "/key/generate", headers=MASTER, json=fields, timeout=10)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def test_keys_survive_a_gateway_restart(vllm, start_gateway, real_redis_prefix):
+    client, prefix = real_redis_prefix
+    env = gateway_environ(vllm.url, REDIS_URL=REAL_REDIS_URL, REDIS_KEY_PREFIX=prefix)
+    first = start_gateway(env)
+    created = gen(first.url, key_alias="survivor")
+    first.stop()
+    second = start_gateway(env)
+    resp = requests.get(second.url + "/vllm/v1/models", headers={"Authorization": f"Bearer {created['key']}"})
+    assert resp.status_code == 200
+
+
+def test_two_workers_share_keys_and_revocation(vllm, start_gateway, real_redis_prefix):
+    client, prefix = real_redis_prefix
+    env = gateway_environ(vllm.url, REDIS_URL=REAL_REDIS_URL, REDIS_KEY_PREFIX=prefix)
+    gw = start_gateway(env, workers=2)
+    created = gen(gw.url)
+    auth = {"Authorization": f"Bearer {created['key']}"}
+
+    def call_many(tag, n=40):
+        # New connection per call so the kernel spreads them over both workers.
+        statuses = [requests.get(gw.url + "/vllm/v1/models", timeout=10,
+                                 headers={**auth, "X-Request-Id": f"{tag}-{i}", "Connection": "close"}).status_code
+                    for i in range(n)]
+        gw.stdout.wait_for(f'"request_id":"{tag}-{n - 1}"')
+        workers = {line["worker"] for line in gw.access_lines() if line["request_id"].startswith(tag + "-")}
+        return statuses, workers
+
+    statuses, workers = call_many("before")
+    assert statuses == [200] * 40
+    assert len(workers) == 2, "both workers should have served the key"
+    assert requests.post(gw.url + "/key/block", headers=MASTER, json={"key": created["token"]}).status_code == 200
+    statuses, workers = call_many("after")
+    # No cache: the very next request on any worker sees the revocation.
+    assert statuses == [401] * 40 and len(workers) == 2
+    text = gw.stdout.text() + gw.stderr.text()
+    assert created["key"] not in text and created["key"][3:] not in text
