@@ -18,7 +18,8 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "2")) if redis_url_from(os.envir
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
 # Heroku sends SIGKILL 30 s after SIGTERM: let running streams use almost all of it.
 graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "28"))
-keepalive = int(os.environ.get("KEEPALIVE", "75"))
+# Idle keep-alive connections hold a graceful shutdown open this long, so keep it short.
+keepalive = int(os.environ.get("KEEPALIVE", "5"))
 # Several masters on one machine would fight over the default control socket path.
 control_socket_disable = True
 accesslog = None  # the gateway writes its own JSON line per request

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -183,9 +184,10 @@ class GatewayServer:
     def access_lines(self) -> list[dict]:
         return [line for line in self.stdout.json_lines() if "request_id" in line]
 
-    def stop(self, sig=None):
+    def stop(self, sig=signal.SIGQUIT):
+        """SIGQUIT: gunicorn's quick shutdown (tests of graceful SIGTERM pass it explicitly)."""
         if self.proc.poll() is None:
-            self.proc.terminate() if sig is None else self.proc.send_signal(sig)
+            self.proc.send_signal(sig)
         try:
             self.proc.wait(40)
         except subprocess.TimeoutExpired:
