@@ -8,11 +8,14 @@ from werkzeug.exceptions import HTTPException
 
 from gateway import accesslog
 from gateway.accesslog import RequestRecord
+from gateway.accounting import Accounting
 from gateway.auth import Authenticator
 from gateway.config import Settings, load_settings
 from gateway.errors import GatewayError, error_body
 from gateway.forwarding import request_id_for
 from gateway.keystore import KeyStore
+from gateway.limits import RateLimiter
+from gateway.rediskeys import RedisKeys
 from gateway.proxy import PassThrough
 from gateway.redisconn import make_redis
 from gateway.upstream import Upstream
@@ -43,18 +46,24 @@ def create_app(config=None) -> Flask:
                         read_timeout=settings.read_timeout, pool_size=settings.upstream_pool_size)
     if redis_client is None:
         redis_client = make_redis(settings)
-    keystore = KeyStore(redis_client, settings.redis_prefix)
+    names = RedisKeys(settings.redis_prefix)
+    keystore = KeyStore(redis_client, names)
     authenticator = Authenticator(settings.master_key, keystore)
     app.extensions["gateway.redis"] = redis_client
     app.extensions["gateway.keystore"] = keystore
     app.extensions["gateway.upstream"] = upstream
     app.extensions["gateway.auth"] = authenticator
-    app.extensions["gateway.passthrough"] = PassThrough(upstream, authenticator, settings.max_body_bytes)
+    limiter = RateLimiter(redis_client, names, settings.parallel_lease_seconds)
+    accounting = Accounting(redis_client, names, settings.prices, settings.spend_log_max, limiter)
+    app.extensions["gateway.accounting"] = accounting
+    app.extensions["gateway.passthrough"] = PassThrough(upstream, authenticator, settings.max_body_bytes,
+                                                        accounting, limiter)
 
-    from blueprints import health, keys, passthrough
+    from blueprints import health, keys, passthrough, spend
     app.register_blueprint(passthrough.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(keys.bp)
+    app.register_blueprint(spend.bp)
 
     _install_request_record(app)
     _install_error_handlers(app)

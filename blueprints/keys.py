@@ -5,6 +5,7 @@ from flask import Blueprint, current_app, jsonify, request
 
 from gateway.durations import parse_duration
 from gateway.errors import GatewayError
+from gateway.keystore import REDIS_ERRORS, unavailable
 from gateway.keyfields import KEY_FIELDS, reject_unknown, require_object, validate_fields
 
 bp = Blueprint("keys", __name__, url_prefix="/key")
@@ -34,10 +35,11 @@ def json_body() -> dict:
 
 def public(record: dict) -> dict:
     """A record as shown to admins: internal fields dropped, spend merged in."""
-    shown = {k: v for k, v in record.items() if k not in ("expires_at",)}
-    usage = current_app.extensions.get("gateway.usage")
-    if usage is not None:
-        shown.update(usage.key_totals(record["token"]))
+    shown = {k: v for k, v in record.items() if k not in ("expires_at", "created_epoch")}
+    try:
+        shown.update(current_app.extensions["gateway.accounting"].key_totals(record["token"], record))
+    except REDIS_ERRORS:
+        raise unavailable() from None
     return shown
 
 

@@ -15,6 +15,7 @@ class Identity:
     is_master: bool
     token: str | None = None
     key: dict | None = None
+    budget: tuple = (None, None)  # (budget period id, spend in that period) as read from Redis
 
     @property
     def label(self) -> str:

@@ -42,6 +42,9 @@ class Settings:
     redis_socket_timeout: float = 2.0
     redis_prefix: str = "vgw:"
     access_log: bool = True
+    prices: dict = dataclasses.field(default_factory=dict)
+    spend_log_max: int = 100_000
+    parallel_lease_seconds: float = 120.0
 
     def __post_init__(self):
         _validate(self)
@@ -65,6 +68,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("MAX_REQUEST_BODY_BYTES must be positive")
     if s.upstream_pool_size <= 0 or s.redis_pool_size <= 0:
         raise ConfigError("UPSTREAM_POOL_SIZE and REDIS_POOL_SIZE must be positive")
+    if s.spend_log_max <= 0 or s.parallel_lease_seconds <= 0:
+        raise ConfigError("SPEND_LOG_MAX_ENTRIES and PARALLEL_SLOT_LEASE_SECONDS must be positive")
     if s.redis_ssl_cert_reqs not in ("required", "none"):
         raise ConfigError("REDIS_SSL_CERT_REQS must be 'required' or 'none'")
 
@@ -112,6 +117,8 @@ def redis_url_from(environ) -> str | None:
 
 
 def load_settings(environ=None, **overrides) -> Settings:
+    from gateway.prices import load_prices  # prices imports ConfigError from here
+
     """Build Settings from the environment (os.environ by default), then apply overrides."""
     env = os.environ if environ is None else environ
     base = overrides.pop("upstream_base", None)
@@ -137,6 +144,9 @@ def load_settings(environ=None, **overrides) -> Settings:
         redis_socket_timeout=_number(env, "REDIS_SOCKET_TIMEOUT", 2.0),
         redis_prefix=env.get("REDIS_KEY_PREFIX", "vgw:"),
         access_log=not _flag(env, "DISABLE_ACCESS_LOG"),
+        prices=load_prices(env),
+        spend_log_max=_number(env, "SPEND_LOG_MAX_ENTRIES", 100_000, int),
+        parallel_lease_seconds=_number(env, "PARALLEL_SLOT_LEASE_SECONDS", 120.0),
     )
     values.update(overrides)
     return Settings(**values)

@@ -21,6 +21,7 @@ import redis
 from gateway.auth import Identity, hash_key
 from gateway.durations import parse_duration
 from gateway.errors import GatewayError
+from gateway.rediskeys import RedisKeys
 
 GONE_RETENTION_MS = 30 * 86400 * 1000
 _TOKEN = re.compile(r"[0-9a-f]{64}")
@@ -50,20 +51,13 @@ def unavailable() -> GatewayError:
 class KeyStore:
     """CRUD and authentication for virtual keys."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "vgw:"):
+    def __init__(self, client: redis.Redis, names: RedisKeys):
         self.redis = client
-        self.prefix = prefix
-        self.index = prefix + "keys"
-
-    # -- names ------------------------------------------------------------------------------
-    def record_key(self, token: str) -> str:
-        return f"{self.prefix}key:{token}"
-
-    def alias_key(self, alias: str) -> str:
-        return f"{self.prefix}alias:{alias}"
-
-    def gone_key(self, token: str) -> str:
-        return f"{self.prefix}gone:{token}"
+        self.names = names
+        self.index = names.key_index
+        self.record_key = names.record
+        self.alias_key = names.alias
+        self.gone_key = names.gone
 
     @staticmethod
     def token_of(key_or_token: str) -> str:
@@ -104,13 +98,14 @@ class KeyStore:
         return record
 
     def authenticate(self, credential: str) -> Identity:
-        """One round trip: the record and, for a missing one, why it is gone."""
+        """One round trip: the record, why it is gone if it is, and its budget-period spend."""
         token = hash_key(credential)
         try:
             pipe = self.redis.pipeline(transaction=False)
             pipe.get(self.record_key(token))
             pipe.get(self.gone_key(token))
-            raw, gone = pipe.execute()
+            pipe.hmget(self.names.key_spend(token), "budget_period", "budget_spend")
+            raw, gone, budget = pipe.execute()
         except REDIS_ERRORS:
             raise unavailable() from None
         if raw is None:
@@ -125,7 +120,7 @@ class KeyStore:
             raise GatewayError(401, f"API key expired at {record['expires']}", "expired_key")
         if record.get("blocked"):
             raise GatewayError(401, "API key is blocked", "auth_error")
-        return Identity(is_master=False, token=token, key=record)
+        return Identity(is_master=False, token=token, key=record, budget=tuple(budget))
 
     def list(self, page: int, size: int, key_alias=None, user_id=None, team_id=None, full=False) -> dict:
         try:
@@ -199,10 +194,8 @@ class KeyStore:
             "allowed_routes": [], "blocked": False, "tags": [],
         }
         record.update(fields)
-        record.update(created_at=iso(now), updated_at=iso(now),
+        record.update(created_at=iso(now), updated_at=iso(now), created_epoch=now,
                       expires_at=now + ttl if ttl else None, expires=iso(now + ttl) if ttl else None)
-        if record.get("budget_duration"):
-            record["budget_reset_at"] = iso(now + parse_duration(record["budget_duration"]))
         alias = record.get("key_alias")
 
         def create(pipe):
@@ -231,9 +224,6 @@ class KeyStore:
             updated = json.loads(current)
             updated.update({k: v for k, v in changes.items() if k != "duration"})
             updated["updated_at"] = iso(now)
-            if "budget_duration" in changes:
-                bd = changes["budget_duration"]
-                updated["budget_reset_at"] = iso(now + parse_duration(bd)) if bd else None
             if new_alias and new_alias != old_alias and self._alias_taken(pipe, new_alias, token):
                 raise GatewayError(400, f"key_alias: {new_alias!r} is already used by another key", param="key_alias")
             if "duration" in changes:
@@ -257,7 +247,7 @@ class KeyStore:
             owners = {r["key_alias"]: pipe.get(self.alias_key(r["key_alias"])) for r in records if r.get("key_alias")}
             pipe.multi()
             for r in records:
-                pipe.delete(self.record_key(r["token"]), self.gone_key(r["token"]))
+                pipe.delete(self.record_key(r["token"]), self.gone_key(r["token"]), self.names.key_spend(r["token"]))
                 pipe.zrem(self.index, r["token"])
                 if owners.get(r.get("key_alias")) == r["token"]:
                     pipe.delete(self.alias_key(r["key_alias"]))
@@ -281,6 +271,8 @@ class KeyStore:
             fresh.update(token=token, key_name=key_name(key), updated_at=iso(now), regenerated_at=iso(now))
             pipe.multi()
             self._write(pipe, fresh)
+            # Spend and budget carry over to the new key.
+            pipe.copy(self.names.key_spend(old), self.names.key_spend(token), replace=True)
             if grace_seconds:
                 old_end = now + grace_seconds
                 if fresh.get("expires_at") is not None:

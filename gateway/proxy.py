@@ -1,4 +1,4 @@
-"""The pass-through: authenticate, build the upstream request from the raw one, relay the answer."""
+"""The pass-through: authenticate, apply the key's policy and limits, relay, account."""
 from __future__ import annotations
 
 import time
@@ -6,8 +6,13 @@ import time
 from werkzeug.wrappers import Response
 
 from gateway import policy
+from gateway.accounting import current_budget_spend
+from gateway.errors import GatewayError
 from gateway.forwarding import forward_headers, read_body, vllm_target
 from gateway.upstream import RelayBody, read_small_body, response_headers
+from gateway.usage import Usage, UsageTap
+
+MAX_END_USER = 256
 
 
 class RelayResponse(Response):
@@ -17,41 +22,156 @@ class RelayResponse(Response):
     automatically_set_content_length = False
 
 
+def end_user_of(environ, fields: dict | None) -> str | None:
+    """`x-end-user-id`, else the body's `user` (OpenAI convention)."""
+    value = environ.get("HTTP_X_END_USER_ID")
+    if not value and fields is not None:
+        value = fields.get("user")
+    if isinstance(value, str) and 0 < len(value) <= MAX_END_USER:
+        return value
+    return None
+
+
+def request_fields(body: bytes, content_type: str | None, forms: bool) -> dict | None:
+    """The body's top-level fields when it is JSON (or, if `forms`, a multipart form)."""
+    if not body:
+        return None
+    ctype = (content_type or "").lower()
+    if "json" in ctype or body[:1] == b"{" or (forms and ctype.startswith("multipart/form-data")):
+        return policy.body_fields(body, content_type)
+    return None
+
+
+class Exchange:
+    """One /vllm request from admission to accounting."""
+
+    __slots__ = ("proxy", "record", "identity", "path", "fields", "end_user", "slot", "tap", "upstream_status")
+
+    def __init__(self, proxy, record, identity, path):
+        self.proxy = proxy
+        self.record = record
+        self.identity = identity
+        self.path = path
+        self.fields = None
+        self.end_user = None
+        self.slot = None
+        self.tap = None
+
+    def on_chunk(self, chunk: bytes) -> None:
+        if self.tap is not None:
+            self.tap.feed(chunk)
+        if self.slot is not None:
+            self.slot.renew()
+
+    def finish(self, status: int | None = None) -> None:
+        """Account for the request (called once, after the response closed or failed)."""
+        record = self.record
+        if self.tap is not None:
+            usage = self.tap.result(self.fields)
+        else:
+            model = self.fields.get("model") if self.fields else None
+            usage = Usage(model if isinstance(model, str) else None)
+        accounting = self.proxy.accounting
+        spend = accounting.cost(usage.model, usage.prompt_tokens, usage.completion_tokens)
+        key = self.identity.key
+        entry = {
+            "request_id": record.request_id,
+            "token": self.identity.token,
+            "key_alias": key.get("key_alias") if key else None,
+            "caller": record.caller,
+            "end_user": self.end_user,
+            "model": usage.model,
+            "route": self.path,
+            "method": record.method,
+            "status": status if status is not None else record.status,
+            "upstream_status": record.upstream_status,
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
+            "spend": spend,
+            "start_time": record.wall,
+            "end_time": time.time(),
+            "ttfb_ms": round((record.ttfb - record.start) * 1000, 2) if record.ttfb is not None else None,
+            "duration_ms": round((time.monotonic() - record.start) * 1000, 2),
+            "stream": record.stream,
+            "estimated": usage.estimated,
+            "error": record.error,
+        }
+        record.extra = {"model": usage.model, "total_tokens": usage.total_tokens}
+        accounting.record(entry, key, self.slot)
+
+
 class PassThrough:
     """Forwards `/vllm/<path>` to vLLM untranslated; one instance per worker."""
 
-    def __init__(self, upstream, authenticator, max_body_bytes: int):
+    def __init__(self, upstream, authenticator, max_body_bytes: int, accounting, limiter):
         self.upstream = upstream
         self.authenticator = authenticator
         self.max_body_bytes = max_body_bytes
+        self.accounting = accounting
+        self.limiter = limiter
 
     def handle(self, environ, record) -> Response:
         identity = self.authenticator.authenticate(environ)
         record.caller = identity.label
         path, query = vllm_target(environ)
-        if not identity.is_master:
-            policy.check_route(policy.policy_path(path), identity.key)
+        exchange = Exchange(self, record, identity, path)
+        try:
+            body = self._admit(environ, exchange)
+            headers = forward_headers(environ, record.request_id, self.upstream.auth_header)
+            method = environ["REQUEST_METHOD"]
+            target = (self.upstream.base_path + path or "/") + query
+            resp = self.upstream.send(method, target, headers, body)
+        except GatewayError as exc:
+            if record.error is None:
+                record.error = exc.message
+            if exchange.slot is not None:
+                exc.headers = {**exchange.slot.headers, **exc.headers}
+            exchange.finish(status=exc.status)
+            raise
+        response = self._relay(resp, method, exchange)
+        if exchange.slot is not None:
+            response.headers.update(exchange.slot.headers)
+        response.call_on_close(exchange.finish)
+        return response
+
+    def _admit(self, environ, exchange) -> bytes:
+        """Route policy, body, model list, budget and rate limits; the body when admitted."""
+        identity, record = exchange.identity, exchange.record
+        key = identity.key
+        if key is not None:
+            policy.check_route(policy.policy_path(exchange.path), key)
         body = read_body(environ, self.max_body_bytes)
         record.bytes_in = len(body)
-        if not identity.is_master and identity.key.get("models"):
-            fields = policy.body_fields(body, environ.get("CONTENT_TYPE")) if body else None
-            policy.check_model(fields, identity.key, bool(body))
-        method = environ["REQUEST_METHOD"]
-        headers = forward_headers(environ, record.request_id, self.upstream.auth_header)
-        target = (self.upstream.base_path + path or "/") + query
-        resp = self.upstream.send(method, target, headers, body)
-        return self._relay(resp, method, record)
+        exchange.fields = request_fields(body, environ.get("CONTENT_TYPE"), forms=bool(key and key.get("models")))
+        exchange.end_user = end_user_of(environ, exchange.fields)
+        if key is None:
+            return body
+        policy.check_model(exchange.fields, key, bool(body))
+        max_budget = key.get("max_budget")
+        if max_budget is not None:
+            spent = current_budget_spend(key, identity.budget, time.time())
+            if spent >= max_budget:
+                raise GatewayError(400, f"Budget has been exceeded: spend {spent:.6f} >= max_budget "
+                                        f"{max_budget:.6f}", "budget_exceeded")
+        if self.limiter.applies(key):
+            exchange.slot = self.limiter.acquire(identity.token, key, record.request_id)
+        return body
 
-    def _relay(self, resp, method: str, record) -> Response:
+    def _relay(self, resp, method: str, exchange) -> Response:
+        record = exchange.record
         record.upstream_status = resp.status_code
-        out_headers = response_headers(resp.raw.headers, record.request_id)
+        raw_headers = resp.raw.headers
+        out_headers = response_headers(raw_headers, record.request_id)
         if method == "HEAD":
             resp.close()
             return RelayResponse(b"", status=resp.status_code, headers=out_headers)
+        exchange.tap = UsageTap(raw_headers.get("content-type", ""), raw_headers.get("content-encoding", ""))
         small = read_small_body(resp)
         if small is not None:
             record.ttfb = time.monotonic()
             record.bytes_out = len(small)
+            exchange.tap.feed(small)
             return RelayResponse([small], status=resp.status_code, headers=out_headers)
         record.stream = True
-        return RelayResponse(RelayBody(resp, record), status=resp.status_code, headers=out_headers)
+        return RelayResponse(RelayBody(resp, record, exchange), status=resp.status_code, headers=out_headers)

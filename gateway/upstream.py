@@ -104,14 +104,15 @@ class RelayBody:
 
     A class rather than a generator: WSGI servers may close a response they never iterated
     (HEAD, early disconnect), and an unstarted generator's `finally` would not run.
-    `observers` get each chunk (a copy is not needed: bytes are immutable) and the end.
+    `observer.on_chunk` sees each chunk after it was handed to the server, so looking at it
+    never delays it (bytes are immutable: no copy needed).
     """
 
-    def __init__(self, resp, record, observers=()):
+    def __init__(self, resp, record, observer=None):
         self.resp = resp
         self.raw = resp.raw
         self.record = record
-        self.observers = observers
+        self.observer = observer
         self.complete = False
         self.closed = False
 
@@ -133,9 +134,9 @@ class RelayBody:
                 if record.ttfb is None:
                     record.ttfb = time.monotonic()
                 record.bytes_out += len(chunk)
-                for observer in self.observers:
-                    observer.on_chunk(chunk)
                 yield chunk
+                if self.observer is not None:
+                    self.observer.on_chunk(chunk)
             self.complete = True
         except (Urllib3Error, OSError, ValueError) as exc:
             # Headers are gone already: end the stream cleanly and say why in the log.
@@ -152,8 +153,6 @@ class RelayBody:
             self.raw.release_conn()
         else:
             self.resp.close()
-        for observer in self.observers:
-            observer.on_end(self.complete)
 
 
 def read_small_body(resp) -> bytes | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from flask.testing import FlaskClient
 
 from app import create_app
 
@@ -141,9 +142,24 @@ def gateway_environ(vllm_url: str, **extra) -> dict:
     return env
 
 
+class BufferedClient(FlaskClient):
+    """Reads each response whole and closes it, as a WSGI server would, so close callbacks
+    (accounting, the access log) have run when a call returns."""
+
+    def open(self, *args, **kwargs):
+        kwargs.setdefault("buffered", True)
+        return super().open(*args, **kwargs)
+
+
+def build_app(config):
+    app = create_app(config)
+    app.test_client_class = BufferedClient
+    return app
+
+
 @pytest.fixture
 def app(vllm):
-    return create_app({"environ": gateway_environ(vllm.url)})
+    return build_app({"environ": gateway_environ(vllm.url)})
 
 
 @pytest.fixture
@@ -152,6 +168,8 @@ def client(app):
 
 
 MASTER = {"Authorization": f"Bearer {MASTER_KEY}"}
+# 0.001 per prompt token, 0.002 per completion token: easy sums in assertions.
+TEST_PRICES = json.dumps({"fake-model": {"input_cost_per_token": 0.001, "output_cost_per_token": 0.002}})
 
 
 def free_port() -> int:
@@ -265,8 +283,8 @@ def redis_client(request):
 @pytest.fixture
 def kapp(vllm, redis_client):
     """The app with a keystore on `redis_client`."""
-    env = gateway_environ(vllm.url, REDIS_KEY_PREFIX=redis_client.test_prefix)
-    return create_app({"environ": env, "redis": redis_client})
+    env = gateway_environ(vllm.url, REDIS_KEY_PREFIX=redis_client.test_prefix, MODEL_PRICES=TEST_PRICES)
+    return build_app({"environ": env, "redis": redis_client})
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ def test_two_workers_share_keys_and_revocation(vllm, start_gateway, real_redis_p
 
         sent, statuses = 0, []
         with ThreadPoolExecutor(16) as pool:
-            for _ in range(10):
+            for _ in range(30):
                 statuses += list(pool.map(one, range(sent, sent + 32)))
                 sent += 32
                 gw.stdout.wait_for(f'"request_id":"{tag}-{sent - 1}"')

@@ -1,0 +1,185 @@
+"""After each /vllm request: per-key and per-end-user counters, budgets, the spend log.
+
+Everything for one request goes to Redis in one pipelined round trip, after the response was
+sent. If Redis is down the entry waits in a bounded in-process queue and is written with the
+next successful one, so a short outage loses nothing.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from datetime import datetime, timezone
+
+from gateway.durations import parse_duration
+from gateway.keystore import REDIS_ERRORS, iso
+from gateway.prices import cost
+
+log = logging.getLogger("gateway")
+
+# Reset a key's budget-period spend when the period changed, then add; atomic per key.
+_CHARGE_KEY = """
+if redis.call('HGET', KEYS[1], 'budget_period') ~= ARGV[1] then
+  redis.call('HSET', KEYS[1], 'budget_period', ARGV[1], 'budget_spend', 0)
+end
+redis.call('HINCRBY', KEYS[1], 'requests', 1)
+redis.call('HINCRBY', KEYS[1], 'prompt_tokens', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'completion_tokens', ARGV[3])
+redis.call('HINCRBYFLOAT', KEYS[1], 'spend', ARGV[4])
+redis.call('HINCRBYFLOAT', KEYS[1], 'budget_spend', ARGV[4])
+return 1
+"""
+PENDING_MAX = 10_000
+
+
+def budget_period(key: dict, now: float) -> str:
+    """Which budget period `now` falls in: 'all' without budget_duration."""
+    duration = key.get("budget_duration")
+    if not duration:
+        return "all"
+    seconds = parse_duration(duration)
+    return str(int((now - key.get("created_epoch", 0)) // seconds))
+
+
+def budget_reset_at(key: dict, now: float) -> str | None:
+    duration = key.get("budget_duration")
+    if not duration:
+        return None
+    seconds = parse_duration(duration)
+    start = key.get("created_epoch", 0)
+    return iso(start + (int((now - start) // seconds) + 1) * seconds)
+
+
+def current_budget_spend(key: dict, budget: tuple, now: float) -> float:
+    """Spend in the current budget period, from what authentication read."""
+    period, spent = budget
+    if period != budget_period(key, now) or spent is None:
+        return 0.0
+    return float(spent)
+
+
+class Accounting:
+    def __init__(self, client, names, prices: dict, spend_log_max: int, limiter=None):
+        self.redis = client
+        self.names = names
+        self.prices = prices
+        self.spend_log_max = spend_log_max
+        self.limiter = limiter
+        self._charge_key = client.register_script(_CHARGE_KEY)
+        self.pending: collections.deque = collections.deque(maxlen=PENDING_MAX)
+
+    def cost(self, model, prompt_tokens, completion_tokens) -> float:
+        return cost(self.prices, model, prompt_tokens, completion_tokens)
+
+    def record(self, entry: dict, key: dict | None, slot=None) -> None:
+        """Write one finished request; never raises (the response is already gone)."""
+        # Take the waiting entries out first: another greenlet may flush while this one waits on I/O.
+        batch = [(entry, key, slot)]
+        while self.pending:
+            batch.append(self.pending.popleft())
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for queued in batch:
+                self._queue(pipe, *queued)
+            pipe.execute()
+        except REDIS_ERRORS as exc:
+            self.pending.extend(batch)
+            log.warning("accounting deferred (%d waiting): Redis unavailable (%s)", len(self.pending),
+                        type(exc).__name__)
+        except Exception:  # a malformed entry must not block the queue forever
+            log.exception("accounting failed for request %s", entry.get("request_id"))
+
+    def _queue(self, pipe, entry: dict, key: dict | None, slot) -> None:
+        token = entry.get("token")
+        prompt, completion = entry["prompt_tokens"], entry["completion_tokens"]
+        if token and key is not None:
+            period = budget_period(key, entry["start_time"])
+            self._charge_key(keys=[self.names.key_spend(token)],
+                             args=[period, prompt, completion, repr(entry["spend"])], client=pipe)
+            if self.limiter is not None and key.get("tpm_limit") is not None:
+                self.limiter.charge_tokens_into(pipe, token, prompt + completion)
+        if slot is not None and self.limiter is not None:
+            self.limiter.release_into(pipe, slot)
+        end_user = entry.get("end_user")
+        if end_user:
+            name = self.names.end_user(end_user)
+            pipe.hincrby(name, "requests", 1)
+            pipe.hincrby(name, "prompt_tokens", prompt)
+            pipe.hincrby(name, "completion_tokens", completion)
+            pipe.hincrbyfloat(name, "spend", entry["spend"])
+            pipe.hset(name, "last_seen", iso(entry["end_time"]))
+        fields = {k: ("" if v is None else str(v).lower() if isinstance(v, bool) else str(v))
+                  for k, v in entry.items()}
+        pipe.xadd(self.names.spend_log, fields, maxlen=self.spend_log_max, approximate=True)
+
+    # -- reading --------------------------------------------------------------------------
+    def key_totals(self, token: str, key: dict) -> dict:
+        raw = self.redis.hgetall(self.names.key_spend(token))
+        now = time.time()
+        prompt, completion = int(raw.get("prompt_tokens", 0)), int(raw.get("completion_tokens", 0))
+        return {
+            "spend": current_budget_spend(key, (raw.get("budget_period"), raw.get("budget_spend")), now),
+            "total_spend": float(raw.get("spend", 0)),
+            "requests": int(raw.get("requests", 0)),
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "budget_reset_at": budget_reset_at(key, now),
+        }
+
+    def end_user_totals(self, end_user: str) -> dict | None:
+        raw = self.redis.hgetall(self.names.end_user(end_user))
+        if not raw:
+            return None
+        prompt, completion = int(raw.get("prompt_tokens", 0)), int(raw.get("completion_tokens", 0))
+        return {"end_user_id": end_user, "requests": int(raw.get("requests", 0)), "prompt_tokens": prompt,
+                "completion_tokens": completion, "total_tokens": prompt + completion,
+                "spend": float(raw.get("spend", 0)), "last_seen": raw.get("last_seen")}
+
+    def spend_logs(self, *, token=None, key_alias=None, end_user=None, request_id=None,
+                   start: float | None = None, end: float | None = None, page=1, size=50) -> dict:
+        """Newest first; filters applied while walking the stream backwards in batches."""
+        upper = "+" if end is None else str(int(end * 1000))
+        lower = "-" if start is None else str(int(start * 1000))
+        skip, wanted, found, more = (page - 1) * size, size, [], False
+        while True:
+            batch = self.redis.xrevrange(self.names.spend_log, upper, lower, count=500)
+            for entry_id, fields in batch:
+                if ((token and fields.get("token") != token) or (key_alias and fields.get("key_alias") != key_alias)
+                        or (end_user and fields.get("end_user") != end_user)
+                        or (request_id and fields.get("request_id") != request_id)):
+                    continue
+                if skip:
+                    skip -= 1
+                elif len(found) < wanted:
+                    found.append(_log_entry(entry_id, fields))
+                else:
+                    more = True
+                    break
+            if more or len(batch) < 500:
+                break
+            upper = "(" + batch[-1][0]
+        return {"logs": found, "page": page, "size": size, "has_more": more}
+
+
+_INTS = ("status", "upstream_status", "prompt_tokens", "completion_tokens", "total_tokens")
+_FLOATS = ("spend", "start_time", "end_time", "ttfb_ms", "duration_ms")
+
+
+def _log_entry(entry_id: str, fields: dict) -> dict:
+    out = {"id": entry_id}
+    for name, value in fields.items():
+        if value == "":
+            out[name] = None
+        elif name in _INTS:
+            out[name] = int(value)
+        elif name in _FLOATS:
+            out[name] = float(value)
+        elif value in ("true", "false"):
+            out[name] = value == "true"
+        else:
+            out[name] = value
+    for name in ("start_time", "end_time"):
+        if out.get(name) is not None:
+            out[name + "_iso"] = datetime.fromtimestamp(out[name], timezone.utc).isoformat(timespec="milliseconds")
+    return out

@@ -1,0 +1,163 @@
+"""Token usage read from a copy of vLLM's response, never delaying the bytes relayed.
+
+Non-stream JSON: the `usage` object. SSE: the last non-null `usage` (sent when the request
+asked for `stream_options.include_usage`, or in the Responses API's `response.completed`);
+without one, content-bearing events are counted and the result is marked `estimated`.
+"""
+from __future__ import annotations
+
+import json
+import re
+import zlib
+
+_MAX_KEPT = 4 * 1024 * 1024      # a non-stream body larger than this is parsed from its tail
+_TAIL = 64 * 1024
+_MAX_EVENT = 1024 * 1024         # an SSE event larger than this is skipped, not buffered forever
+_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
+_USAGE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})')
+_CONTENT = re.compile(rb'"(?:content|text|delta)"\s*:\s*"(?!")')
+
+
+class Usage:
+    """What one response used."""
+
+    __slots__ = ("model", "prompt_tokens", "completion_tokens", "estimated")
+
+    def __init__(self, model=None, prompt_tokens=0, completion_tokens=0, estimated=False):
+        self.model = model
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
+        self.estimated = estimated
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def _tokens(usage) -> tuple[int, int] | None:
+    """(prompt, completion) from OpenAI-style or Responses-style usage objects."""
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
+    completion = usage.get("completion_tokens", usage.get("output_tokens"))
+    if completion is None:
+        total = usage.get("total_tokens")
+        completion = total - prompt if isinstance(total, int) and isinstance(prompt, int) else 0
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return max(prompt, 0), max(completion, 0)
+
+
+def _decoded(body: bytes, encoding: str) -> bytes | None:
+    if not encoding or encoding == "identity":
+        return body
+    try:
+        if encoding in ("gzip", "x-gzip"):
+            return zlib.decompress(body, 16 + zlib.MAX_WBITS)
+        if encoding == "deflate":
+            return zlib.decompress(body)
+    except zlib.error:
+        return None
+    return None  # br, zstd, ...: not read
+
+
+def estimate_prompt_tokens(fields: dict | None) -> int:
+    """A rough count (4 characters a token) for when vLLM does not report usage."""
+    if not fields:
+        return 0
+    chars = 0
+    prompt = fields.get("prompt", fields.get("input"))
+    if isinstance(prompt, str):
+        chars += len(prompt)
+    elif isinstance(prompt, list):
+        chars += sum(len(p) for p in prompt if isinstance(p, str))
+    for message in fields.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(len(part.get("text", "")) for part in content if isinstance(part, dict))
+    return (chars + 3) // 4
+
+
+class UsageTap:
+    """Fed each relayed chunk (after it was written); `result()` when the body ended."""
+
+    def __init__(self, content_type: str, content_encoding: str):
+        self.sse = content_type.startswith("text/event-stream")
+        self.encoding = content_encoding.strip().lower()
+        self.buffer = bytearray()
+        self.size = 0
+        self.model = None
+        self.usage = None
+        self.events = 0
+
+    def feed(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.sse:
+            self._feed_sse(chunk)
+        elif self.size <= _MAX_KEPT:
+            self.buffer += chunk
+        else:
+            self.buffer = (self.buffer + chunk)[-_TAIL:]
+
+    def _feed_sse(self, chunk: bytes) -> None:
+        if self.encoding not in ("", "identity"):
+            return
+        self.buffer += chunk
+        while True:
+            end = self.buffer.find(b"\n\n")
+            if end < 0:
+                if len(self.buffer) > _MAX_EVENT:
+                    self.buffer.clear()
+                return
+            event = bytes(self.buffer[:end])
+            del self.buffer[:end + 2]
+            self._event(event)
+
+    def _event(self, event: bytes) -> None:
+        if self.model is None:
+            match = _MODEL.search(event)
+            if match:
+                self.model = match.group(1).decode("utf-8", "replace")
+        if b'"usage"' in event:
+            match = _USAGE.search(event)
+            if match:
+                try:
+                    tokens = _tokens(json.loads(match.group(1)))
+                except ValueError:
+                    tokens = None
+                if tokens is not None:
+                    self.usage = tokens
+        if _CONTENT.search(event):
+            self.events += 1
+
+    def result(self, request_fields: dict | None) -> Usage:
+        request_model = request_fields.get("model") if request_fields else None
+        if self.sse:
+            model = self.model or (request_model if isinstance(request_model, str) else None)
+            if self.usage is not None:
+                return Usage(model, *self.usage)
+            return Usage(model, estimate_prompt_tokens(request_fields), self.events, estimated=True)
+        return self._json_result(request_model if isinstance(request_model, str) else None)
+
+    def _json_result(self, request_model) -> Usage:
+        body = bytes(self.buffer)
+        if self.size <= _MAX_KEPT:
+            body = _decoded(body, self.encoding)
+            if body is None:
+                return Usage(request_model, estimated=True)
+            try:
+                payload = json.loads(body)
+            except ValueError:
+                payload = None
+            if isinstance(payload, dict):
+                tokens = _tokens(payload.get("usage"))
+                model = payload.get("model") if isinstance(payload.get("model"), str) else request_model
+                return Usage(model, *tokens) if tokens else Usage(model)
+        elif self.encoding in ("", "identity"):
+            match = _USAGE.search(body)
+            tokens = _tokens(json.loads(match.group(1))) if match else None
+            if tokens:
+                return Usage(request_model, *tokens)
+        return Usage(request_model)

@@ -1,0 +1,76 @@
+"""Reading usage from a copy of the response: JSON, SSE with and without a usage chunk."""
+import gzip
+import json
+
+from gateway.usage import UsageTap
+
+CHUNK = {"id": "c", "object": "chat.completion.chunk", "model": "m1",
+         "choices": [{"index": 0, "delta": {"content": "hi "}, "finish_reason": None}]}
+
+
+def sse(*events) -> bytes:
+    return b"".join(b"data: " + (e if isinstance(e, bytes) else json.dumps(e).encode()) + b"\n\n" for e in events)
+
+
+def feed_in_pieces(tap, data: bytes, size: int):
+    for i in range(0, len(data), size):
+        tap.feed(data[i:i + size])
+
+
+def test_json_usage():
+    tap = UsageTap("application/json", "")
+    tap.feed(json.dumps({"model": "m1", "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}).encode())
+    usage = tap.result({"model": "asked"})
+    assert (usage.model, usage.prompt_tokens, usage.completion_tokens, usage.estimated) == ("m1", 7, 3, False)
+
+
+def test_gzip_json_usage():
+    tap = UsageTap("application/json", "gzip")
+    tap.feed(gzip.compress(json.dumps({"model": "m1", "usage": {"prompt_tokens": 2, "completion_tokens": 9}}).encode()))
+    usage = tap.result(None)
+    assert (usage.prompt_tokens, usage.completion_tokens) == (2, 9)
+
+
+def test_sse_with_usage_chunk_split_anywhere():
+    first = {**CHUNK, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+    final = {"id": "c", "model": "m1", "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15}}
+    data = sse(first, CHUNK, CHUNK, final, b"[DONE]")
+    for size in (1, 7, 64, len(data)):
+        tap = UsageTap("text/event-stream; charset=utf-8", "")
+        feed_in_pieces(tap, data, size)
+        usage = tap.result(None)
+        assert (usage.model, usage.prompt_tokens, usage.completion_tokens, usage.estimated) == ("m1", 11, 4, False)
+
+
+def test_sse_without_usage_is_estimated():
+    tap = UsageTap("text/event-stream", "")
+    first = {**CHUNK, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+    tap.feed(sse(first, CHUNK, CHUNK, CHUNK, b"[DONE]"))
+    usage = tap.result({"model": "asked", "messages": [{"role": "user", "content": "x" * 40}]})
+    assert usage.estimated is True
+    assert usage.completion_tokens == 3      # the empty role chunk carries no content
+    assert usage.prompt_tokens == 10         # 40 characters / 4
+    assert usage.model == "m1"
+
+
+def test_responses_api_usage():
+    tap = UsageTap("text/event-stream", "")
+    tap.feed(b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"a"}\n\n'
+             b'event: response.completed\ndata: {"type":"response.completed","response":{"model":"m2",'
+             b'"usage":{"input_tokens":5,"output_tokens":6,"total_tokens":11}}}\n\n')
+    usage = tap.result(None)
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.estimated) == (5, 6, False)
+
+
+def test_stream_cut_short_still_counts():
+    tap = UsageTap("text/event-stream", "")
+    tap.feed(sse(CHUNK, CHUNK) + b"data: {\"partial")
+    usage = tap.result({"model": "m1", "prompt": "abcd"})
+    assert usage.completion_tokens == 2 and usage.prompt_tokens == 1 and usage.estimated
+
+
+def test_non_json_body_counts_nothing():
+    tap = UsageTap("text/plain", "")
+    tap.feed(b"vllm:num_requests_running 0\n")
+    usage = tap.result(None)
+    assert usage.total_tokens == 0 and not usage.estimated
