@@ -159,3 +159,32 @@ def test_odd_paths_stay_on_the_upstream_below_the_base(echo_gateway, vllm, targe
     assert recorded["path"] == expected_path
     host = [v for k, v in recorded["headers"] if k.lower() == "host"]
     assert host == [f"127.0.0.1:{vllm.port}"]
+
+
+def test_streams_cut_short_still_record_usage(gateway, vllm):
+    # upstream dies after 3 content events
+    resp = requests.post(gateway.url + "/vllm/v1/chat/completions", json=CHAT, stream=True, timeout=10,
+                         headers={**MASTER, "x-fake-fail-after": "3", "x-fake-chunks": "10", "X-Request-Id": "cut-up"})
+    try:
+        for _ in resp.iter_content(chunk_size=None):
+            pass
+    except requests.exceptions.ChunkedEncodingError:
+        pass
+    # client goes away after the first events
+    body = json.dumps(CHAT).encode()
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as s:
+        s.sendall(b"POST /vllm/v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+                  + f"Authorization: Bearer {MASTER_KEY}\r\nX-Request-Id: cut-client\r\n".encode()
+                  + b"x-fake-chunk-delay-ms: 50\r\nx-fake-chunks: 2000\r\nContent-Type: application/json\r\n"
+                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        received = b""
+        while received.count(b"data: ") < 3:
+            received += s.recv(65536)
+    vllm.wait_event("stream_closed_early", "cut-client", timeout=5)
+    _wait_access_line(gateway, "cut-up")
+    _wait_access_line(gateway, "cut-client")
+    logs = {e["request_id"]: e for e in requests.get(gateway.url + "/spend/logs", headers=MASTER).json()["logs"]}
+    upstream_died, client_left = logs["cut-up"], logs["cut-client"]
+    assert upstream_died["completion_tokens"] == 3 and upstream_died["estimated"] is True
+    assert "upstream stream broke" in upstream_died["error"]
+    assert client_left["completion_tokens"] >= 2 and client_left["error"] == "client disconnected"
