@@ -1,29 +1,32 @@
-"""`/vllm/<path>`: everything after /vllm goes to the vLLM server as it is."""
-from flask import Blueprint, current_app, g, request
-from werkzeug.routing import BaseConverter
+"""`/vllm/<path>`: everything after /vllm goes to the vLLM server as it is.
+
+The blueprint mounts the pass-through (gateway/proxy.py) as a WSGI application in front of
+Flask for its prefix. A relay needs none of Flask's request context, routing or response
+objects, and skipping them saves about 15% of a worker's time per request (bench/). Every
+other route stays with Flask.
+"""
+from flask import Blueprint, current_app
 
 bp = Blueprint("passthrough", __name__)
 
-METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+PREFIX = "/vllm"
 
 
-class RemainderConverter(BaseConverter):
-    """Matches '' or '/...' with anything after it, doubled slashes included (werkzeug's
-    `path` converter does not, and a separate '/vllm/' rule would be redirected)."""
+class PrefixDispatch:
+    """Sends `/vllm` and `/vllm/...` to the pass-through, everything else to Flask."""
 
-    regex = "(?:/.*)?"
-    part_isolating = False
-    weight = 300
+    def __init__(self, flask_wsgi, passthrough):
+        self.flask_wsgi = flask_wsgi
+        self.passthrough = passthrough
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path.startswith(PREFIX) and (len(path) == len(PREFIX) or path[len(PREFIX)] == "/"):
+            return self.passthrough(environ, start_response)
+        return self.flask_wsgi(environ, start_response)
 
 
 @bp.record_once
-def _register_converter(state):
-    # Runs before the rule below is added to the app's URL map.
-    state.app.url_map.converters["remainder"] = RemainderConverter
-
-
-@bp.route("/vllm<remainder:path>", methods=METHODS, merge_slashes=False, strict_slashes=False,
-          provide_automatic_options=False)
-def passthrough(path):
-    """Relay the request to vLLM; the path is read raw from the environ, not from `path`."""
-    return current_app.extensions["gateway.passthrough"].handle(request.environ, g.record)
+def mount(state):
+    app = state.app
+    app.wsgi_app = PrefixDispatch(app.wsgi_app, app.extensions["gateway.passthrough"])

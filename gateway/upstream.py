@@ -1,7 +1,10 @@
 """The connection to vLLM: one pooled `requests` adapter per worker, and the response relay.
 
-Bytes are relayed raw (`decode_content=False`) so `Content-Encoding` and `Content-Length`
-stay true to the body (LiteLLM #25624).
+Requests go straight to the adapter's urllib3 connection pool: `Session.request` would redo
+URL parsing, header merging, environment lookups, cookie and hook handling on every call, and
+none of it applies to a pass-through (reference.md §5). Bytes are relayed raw
+(`decode_content=False`) so `Content-Encoding` and `Content-Length` stay true to the body
+(LiteLLM #25624).
 """
 from __future__ import annotations
 
@@ -10,14 +13,16 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
-from requests.structures import CaseInsensitiveDict
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
 from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.util.timeout import Timeout
 from werkzeug.http import is_hop_by_hop_header
 
 from gateway.errors import GatewayError
 
 # A non-stream body up to this size is read whole, so the reply goes out in one write.
 SMALL_BODY = 256 * 1024
+_BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
 
 
 class Upstream:
@@ -26,40 +31,40 @@ class Upstream:
     def __init__(self, base: str, *, api_key: str | None, connect_timeout: float,
                  read_timeout: float, pool_size: int):
         self.base = base
-        self.host_url = base[: len(base) - len(urlsplit(base).path)]
         self.base_path = urlsplit(base).path
+        self.host_url = base[: len(base) - len(self.base_path)]
         self.auth_header = f"Bearer {api_key}" if api_key else None
-        self.timeout = (connect_timeout, read_timeout)
+        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self.timeout = Timeout(connect=connect_timeout, read=read_timeout)
         self.session = requests.Session()
         self.session.trust_env = False  # no per-request proxy/netrc lookups from the environment
+        # pool_maxsize: connections kept per host; above it they would be opened and discarded.
         self.adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
         self.session.mount("http://", self.adapter)
         self.session.mount("https://", self.adapter)
+        self.pool = self.adapter.poolmanager.connection_from_url(self.host_url)
 
     def send(self, method: str, path: str, headers: dict, body: bytes | None):
-        """Send one request and return the `requests.Response` with its raw body unread.
+        """Send one request; returns urllib3's response with its body unread.
 
         Raises GatewayError 502/504 when vLLM cannot be reached or does not answer in time.
         """
-        prepared = requests.PreparedRequest()
-        prepared.method = method
-        prepared.url = self.host_url + path
-        prepared.headers = CaseInsensitiveDict(headers)
         if body:
-            prepared.headers["Content-Length"] = str(len(body))
-            prepared.body = body
-        else:
-            if method in ("POST", "PUT", "PATCH"):
-                prepared.headers["Content-Length"] = "0"
-            prepared.body = None
-        prepared.hooks = {"response": []}
+            headers["Content-Length"] = str(len(body))
+        elif method in _BODY_METHODS:
+            headers["Content-Length"] = "0"
         try:
-            return self.adapter.send(prepared, stream=True, timeout=self.timeout)
-        except requests.exceptions.ConnectTimeout:
-            raise GatewayError(504, f"vLLM did not accept the connection within {self.timeout[0]:g}s") from None
-        except requests.exceptions.ReadTimeout:
-            raise GatewayError(504, f"vLLM did not answer within {self.timeout[1]:g}s") from None
-        except (requests.exceptions.RequestException, Urllib3Error, OSError) as exc:
+            return self.pool.urlopen(
+                method, path, body=body or None, headers=headers, retries=False, redirect=False,
+                assert_same_host=False, timeout=self.timeout, preload_content=False,
+                decode_content=False, release_conn=False)
+        except NewConnectionError as exc:  # before ConnectTimeoutError: urllib3 derives it from that
+            raise GatewayError(502, f"vLLM is unreachable ({_failure_kind(exc)})") from None
+        except ConnectTimeoutError:
+            raise GatewayError(504, f"vLLM did not accept the connection within {self.connect_timeout:g}s") from None
+        except ReadTimeoutError:
+            raise GatewayError(504, f"vLLM did not answer within {self.read_timeout:g}s") from None
+        except (Urllib3Error, OSError) as exc:
             raise GatewayError(502, f"vLLM is unreachable ({_failure_kind(exc)})") from None
 
     def probe(self, timeout: float = 2.0) -> tuple[bool, str]:
@@ -90,8 +95,9 @@ def _failure_kind(exc: BaseException) -> str:
 
 def response_headers(raw_headers, request_id: str) -> list[tuple[str, str]]:
     """vLLM's headers minus hop-by-hop ones (and those named in Connection), plus our request id."""
-    named = {t.strip().lower() for v in raw_headers.getlist("connection") for t in v.split(",")}
-    out = [(k, v) for k, v in raw_headers.items()
+    connection = raw_headers.get("connection")
+    named = {t.strip().lower() for t in connection.split(",")} if connection else ()
+    out = [(k, v) for k, v in raw_headers.iteritems()
            if not is_hop_by_hop_header(k) and k.lower() not in named and k.lower() != "x-request-id"]
     out.append(("X-Request-Id", request_id))
     if raw_headers.get("content-type", "").startswith("text/event-stream"):
@@ -110,19 +116,18 @@ class RelayBody:
 
     def __init__(self, resp, record, observer=None):
         self.resp = resp
-        self.raw = resp.raw
         self.record = record
         self.observer = observer
         self.complete = False
         self.closed = False
 
     def _chunks(self):
-        raw = self.raw
-        if raw.chunked and raw.supports_chunked_reads():
-            yield from raw.read_chunked(None, decode_content=False)
+        resp = self.resp
+        if resp.chunked and resp.supports_chunked_reads():
+            yield from resp.read_chunked(None, decode_content=False)
         else:
             while True:
-                data = raw.read1(65536, decode_content=False)
+                data = resp.read1(65536, decode_content=False)
                 if not data:
                     break
                 yield data
@@ -150,18 +155,20 @@ class RelayBody:
             self.record.error = "client disconnected"
         # On an unfinished body this closes the socket, so vLLM aborts the generation (LiteLLM #30244).
         if self.complete:
-            self.raw.release_conn()
+            self.resp.release_conn()
         else:
             self.resp.close()
 
 
 def read_small_body(resp) -> bytes | None:
     """The whole body when it is short and of known length, else None (then stream it)."""
-    length = resp.raw.headers.get("content-length")
+    length = resp.headers.get("content-length")
     if length is None or not length.isdigit() or int(length) > SMALL_BODY:
         return None
     try:
-        return resp.raw.read(decode_content=False)
+        data = resp.read(decode_content=False)
     except (Urllib3Error, OSError) as exc:
         resp.close()
         raise GatewayError(502, f"vLLM's response broke off ({_failure_kind(exc)})") from None
+    resp.release_conn()
+    return data

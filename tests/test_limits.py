@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from tests.conftest import MASTER, REAL_REDIS_URL, TEST_PRICES, gateway_environ
+from tests.conftest import MASTER, REAL_REDIS_URL, TEST_PRICES, build_app, gateway_environ
 from tests.test_keys import wait_until
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "one two three"}]}
@@ -73,9 +73,10 @@ def test_parallel_limit_released_after_client_disconnect(vllm, start_gateway, re
     assert client.zcard(prefix + "rl:{" + created["token"] + "}:parallel") == 0
 
 
-def test_parallel_slot_released_on_upstream_error(kclient, vllm):
+def test_parallel_slot_released_on_upstream_error(redis_client, vllm):
+    env = gateway_environ(vllm.url, REDIS_KEY_PREFIX=redis_client.test_prefix, UPSTREAM_READ_TIMEOUT=0.2)
+    kclient = build_app({"environ": env, "redis": redis_client}).test_client()
     _, auth = make_key(kclient, max_parallel_requests=1)
-    kclient.application.extensions["gateway.upstream"].timeout = (5, 0.2)
     for _ in range(3):  # a leaked slot would turn the second attempt into a 429
         resp = kclient.get("/vllm/v1/models", headers={**auth, "x-fake-delay-ms": "2000"})
         assert resp.status_code == 504
