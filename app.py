@@ -43,7 +43,8 @@ def create_app(config=None) -> Flask:
 
     upstream = Upstream(settings.upstream_base, api_key=settings.upstream_key,
                         connect_timeout=settings.connect_timeout,
-                        read_timeout=settings.read_timeout, pool_size=settings.upstream_pool_size)
+                        read_timeout=settings.read_timeout, pool_size=settings.upstream_pool_size,
+                        ca_bundle=settings.upstream_ca_bundle)
     if redis_client is None:
         redis_client = make_redis(settings)
     names = RedisKeys(settings.redis_prefix)

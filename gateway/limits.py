@@ -119,13 +119,16 @@ class RateLimiter:
         except REDIS_ERRORS:
             pass  # the lease runs out by itself; the stream is not interrupted for this
 
-    def release_into(self, pipe, slot: Slot) -> None:
-        """Queue the release of the parallel lease on an accounting pipeline."""
-        if slot.holds_parallel:
-            pipe.zrem(self.names.parallel(slot.token), slot.request_id)
+    def release(self, slot: Slot) -> None:
+        """Give the parallel lease back; if Redis is unreachable the lease expires by itself."""
+        try:
+            self.redis.zrem(self.names.parallel(slot.token), slot.request_id)
+        except REDIS_ERRORS:
+            pass
 
-    def charge_tokens_into(self, pipe, token: str, tokens: int) -> None:
+    def charge_tokens_into(self, pipe, token: str, tokens: int, at: float) -> None:
+        """Charge tokens to the window the request ended in (queued on an accounting pipeline)."""
         if tokens > 0:
-            name = self.names.tpm(token, int(time.time() // 60))
+            name = self.names.tpm(token, int(at // 60))
             pipe.incrby(name, tokens)
             pipe.expire(name, 120)

@@ -224,13 +224,11 @@ class PassThrough:
         """vLLM's headers and a body to relay: bytes when short, else a streaming RelayBody."""
         record = exchange.record
         record.upstream_status = resp.status
-        raw_headers = resp.headers
-        out_headers = response_headers(raw_headers, record.request_id)
+        out_headers = response_headers(resp, record.request_id)
         if method == "HEAD":
-            resp.drain_conn()  # a HEAD answer has no body: the connection goes back to the pool
-            resp.release_conn()
+            resp.release()  # a HEAD answer has no body: the connection goes back to the pool
             return out_headers, []
-        exchange.tap = UsageTap(raw_headers.get("content-type", ""), raw_headers.get("content-encoding", ""))
+        exchange.tap = UsageTap(resp.header("content-type"), resp.header("content-encoding"))
         small = read_small_body(resp)
         if small is not None:
             record.ttfb = time.monotonic()

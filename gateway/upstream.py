@@ -1,10 +1,8 @@
-"""The connection to vLLM: one pooled `requests` adapter per worker, and the response relay.
+"""The connection to vLLM: pooled keep-alive connections per worker, and the response relay.
 
-Requests go straight to the adapter's urllib3 connection pool: `Session.request` would redo
-URL parsing, header merging, environment lookups, cookie and hook handling on every call, and
-none of it applies to a pass-through (reference.md §5). Bytes are relayed raw
-(`decode_content=False`) so `Content-Encoding` and `Content-Length` stay true to the body
-(LiteLLM #25624).
+Relayed requests go through gateway/httpclient.py (raw sockets and httptools' parser); the
+readiness probe uses a `requests.Session`. Bytes are relayed as received (chunk framing aside),
+so `Content-Encoding` and `Content-Length` stay true to the body (LiteLLM #25624).
 """
 from __future__ import annotations
 
@@ -12,13 +10,10 @@ import time
 from urllib.parse import urlsplit
 
 import requests
-from requests.adapters import HTTPAdapter
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
-from urllib3.exceptions import HTTPError as Urllib3Error
-from urllib3.util.timeout import Timeout
 from werkzeug.http import is_hop_by_hop_header
 
 from gateway.errors import GatewayError
+from gateway.httpclient import ConnectionPool, UpstreamError, UpstreamTimeout
 
 # A non-stream body up to this size is read whole, so the reply goes out in one write.
 SMALL_BODY = 256 * 1024
@@ -26,46 +21,53 @@ _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
 
 
 class Upstream:
-    """Sends requests to the vLLM base over a pooled adapter; never follows redirects."""
+    """Sends requests to one vLLM base over pooled connections; never follows redirects."""
 
     def __init__(self, base: str, *, api_key: str | None, connect_timeout: float,
-                 read_timeout: float, pool_size: int):
+                 read_timeout: float, pool_size: int, ca_bundle: str | None = None):
+        parts = urlsplit(base)
         self.base = base
-        self.base_path = urlsplit(base).path
-        self.host_url = base[: len(base) - len(self.base_path)]
+        self.base_path = parts.path
         self.auth_header = f"Bearer {api_key}" if api_key else None
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
-        self.timeout = Timeout(connect=connect_timeout, read=read_timeout)
+        tls = parts.scheme == "https"
+        port = parts.port or (443 if tls else 80)
+        self.host_header = parts.netloc
+        self.pool = ConnectionPool(parts.hostname, port, tls=tls, connect_timeout=connect_timeout,
+                                   read_timeout=read_timeout, maxsize=pool_size, ca_bundle=ca_bundle)
         self.session = requests.Session()
-        self.session.trust_env = False  # no per-request proxy/netrc lookups from the environment
-        # pool_maxsize: connections kept per host; above it they would be opened and discarded.
-        self.adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
-        self.session.mount("http://", self.adapter)
-        self.session.mount("https://", self.adapter)
-        self.pool = self.adapter.poolmanager.connection_from_url(self.host_url)
+        self.session.trust_env = False  # no proxy/netrc lookups from the environment
+        self.session.verify = ca_bundle or True
 
     def send(self, method: str, path: str, headers: dict, body: bytes | None):
-        """Send one request; returns urllib3's response with its body unread.
+        """Send one request; returns the response with its body unread.
 
         Raises GatewayError 502/504 when vLLM cannot be reached or does not answer in time.
         """
+        lines = [f"{method} {path} HTTP/1.1\r\nHost: {self.host_header}\r\n"]
+        for name, value in headers.items():
+            if "\n" in value or "\r" in value:
+                raise GatewayError(400, f"header {name} contains a line break")
+            lines.append(f"{name}: {value}\r\n")
         if body:
-            headers["Content-Length"] = str(len(body))
+            lines.append(f"Content-Length: {len(body)}\r\n")
         elif method in _BODY_METHODS:
-            headers["Content-Length"] = "0"
+            lines.append("Content-Length: 0\r\n")
+        lines.append("\r\n")
         try:
-            return self.pool.urlopen(
-                method, path, body=body or None, headers=headers, retries=False, redirect=False,
-                assert_same_host=False, timeout=self.timeout, preload_content=False,
-                decode_content=False, release_conn=False)
-        except NewConnectionError as exc:  # before ConnectTimeoutError: urllib3 derives it from that
-            raise GatewayError(502, f"vLLM is unreachable ({_failure_kind(exc)})") from None
-        except ConnectTimeoutError:
-            raise GatewayError(504, f"vLLM did not accept the connection within {self.connect_timeout:g}s") from None
-        except ReadTimeoutError:
+            head = "".join(lines).encode("latin-1")
+        except UnicodeEncodeError:
+            raise GatewayError(400, "request headers must be ISO-8859-1 text") from None
+        try:
+            return self.pool.request(head, body, head_only=method == "HEAD")
+        except UpstreamTimeout as exc:
+            if exc.phase == "connect":
+                raise GatewayError(504, f"vLLM did not accept the connection within {self.connect_timeout:g}s") from None
             raise GatewayError(504, f"vLLM did not answer within {self.read_timeout:g}s") from None
-        except (Urllib3Error, OSError) as exc:
-            raise GatewayError(502, f"vLLM is unreachable ({_failure_kind(exc)})") from None
+        except UpstreamError as exc:
+            if exc.phase == "connect":
+                raise GatewayError(502, f"vLLM is unreachable ({exc.kind})") from None
+            raise GatewayError(502, f"vLLM failed to answer ({exc.kind})") from None
 
     def probe(self, timeout: float = 2.0) -> tuple[bool, str]:
         """GET {base}/health for readiness; returns (ok, detail)."""
@@ -93,14 +95,14 @@ def _failure_kind(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def response_headers(raw_headers, request_id: str) -> list[tuple[str, str]]:
+def response_headers(resp, request_id: str) -> list[tuple[str, str]]:
     """vLLM's headers minus hop-by-hop ones (and those named in Connection), plus our request id."""
-    connection = raw_headers.get("connection")
+    connection = resp.header("connection")
     named = {t.strip().lower() for t in connection.split(",")} if connection else ()
-    out = [(k, v) for k, v in raw_headers.iteritems()
+    out = [(k, v) for k, v in resp.headers
            if not is_hop_by_hop_header(k) and k.lower() not in named and k.lower() != "x-request-id"]
     out.append(("X-Request-Id", request_id))
-    if raw_headers.get("content-type", "").startswith("text/event-stream"):
+    if resp.header("content-type").startswith("text/event-stream"):
         out.append(("X-Accel-Buffering", "no"))  # nginx would otherwise buffer the SSE stream
     return out
 
@@ -121,21 +123,10 @@ class RelayBody:
         self.complete = False
         self.closed = False
 
-    def _chunks(self):
-        resp = self.resp
-        if resp.chunked and resp.supports_chunked_reads():
-            yield from resp.read_chunked(None, decode_content=False)
-        else:
-            while True:
-                data = resp.read1(65536, decode_content=False)
-                if not data:
-                    break
-                yield data
-
     def __iter__(self):
         record = self.record
         try:
-            for chunk in self._chunks():
+            for chunk in self.resp.pieces():
                 if record.ttfb is None:
                     record.ttfb = time.monotonic()
                 record.bytes_out += len(chunk)
@@ -143,9 +134,9 @@ class RelayBody:
                 if self.observer is not None:
                     self.observer.on_chunk(chunk)
             self.complete = True
-        except (Urllib3Error, OSError, ValueError) as exc:
+        except UpstreamError as exc:
             # Headers are gone already: end the stream cleanly and say why in the log.
-            record.error = f"upstream stream broke: {_failure_kind(exc)}"
+            record.error = f"upstream stream broke: {exc.kind}"
 
     def close(self):
         if self.closed:
@@ -155,20 +146,20 @@ class RelayBody:
             self.record.error = "client disconnected"
         # On an unfinished body this closes the socket, so vLLM aborts the generation (LiteLLM #30244).
         if self.complete:
-            self.resp.release_conn()
+            self.resp.release()
         else:
             self.resp.close()
 
 
 def read_small_body(resp) -> bytes | None:
     """The whole body when it is short and of known length, else None (then stream it)."""
-    length = resp.headers.get("content-length")
-    if length is None or not length.isdigit() or int(length) > SMALL_BODY:
+    length = resp.header("content-length")
+    if not length.isdigit() or int(length) > SMALL_BODY:
         return None
     try:
-        data = resp.read(decode_content=False)
-    except (Urllib3Error, OSError) as exc:
+        data = resp.read_all()
+    except UpstreamError as exc:
         resp.close()
-        raise GatewayError(502, f"vLLM's response broke off ({_failure_kind(exc)})") from None
-    resp.release_conn()
+        raise GatewayError(502, f"vLLM's response broke off ({exc.kind})") from None
+    resp.release()
     return data

@@ -6,6 +6,7 @@ import socket
 import pytest
 import requests
 
+from tests.test_keys import wait_until
 from tests.conftest import MASTER, MASTER_KEY, UPSTREAM_KEY, GatewayServer, gateway_environ
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "say five words"}], "stream": True}
@@ -181,9 +182,14 @@ def test_streams_cut_short_still_record_usage(gateway, vllm):
         while received.count(b"data: ") < 3:
             received += s.recv(65536)
     vllm.wait_event("stream_closed_early", "cut-client", timeout=5)
-    _wait_access_line(gateway, "cut-up")
-    _wait_access_line(gateway, "cut-client")
-    logs = {e["request_id"]: e for e in requests.get(gateway.url + "/spend/logs", headers=MASTER).json()["logs"]}
+    # Accounting is written in batches shortly after the response: poll until both are in.
+    logs = {}
+
+    def both_logged():
+        logs.update((e["request_id"], e) for e in requests.get(gateway.url + "/spend/logs", headers=MASTER).json()["logs"])
+        return {"cut-up", "cut-client"} <= set(logs)
+
+    assert wait_until(both_logged)
     upstream_died, client_left = logs["cut-up"], logs["cut-client"]
     assert upstream_died["completion_tokens"] == 3 and upstream_died["estimated"] is True
     assert "upstream stream broke" in upstream_died["error"]
