@@ -48,7 +48,7 @@ def create_app(config=None) -> Flask:
     if redis_client is None:
         redis_client = make_redis(settings)
     names = RedisKeys(settings.redis_prefix)
-    keystore = KeyStore(redis_client, names)
+    keystore = KeyStore(redis_client, names, settings.key_cache_ttl)
     authenticator = Authenticator(settings.master_key, keystore)
     app.extensions["gateway.redis"] = redis_client
     app.extensions["gateway.keystore"] = keystore

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 
 from gateway.durations import parse_duration
 from gateway.keystore import REDIS_ERRORS, iso
+from gateway.runtime import gevent_patched
 from gateway.prices import cost
 
 log = logging.getLogger("gateway")
@@ -42,12 +43,6 @@ FLUSH_INTERVAL = 0.05
 BATCH_MAX = 500
 
 
-def _gevent_patched() -> bool:
-    try:
-        from gevent import monkey
-    except ImportError:
-        return False
-    return monkey.is_module_patched("socket")
 
 
 def budget_period(key: dict, now: float) -> str:
@@ -85,7 +80,7 @@ class Accounting:
         self.limiter = limiter
         self._charge_key = client.register_script(_CHARGE_KEY)
         self.pending: collections.deque = collections.deque(maxlen=PENDING_MAX)
-        self.background = _gevent_patched() if background is None else background
+        self.background = gevent_patched() if background is None else background
         self._wake = None
         self._deferring = False
 

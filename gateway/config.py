@@ -43,6 +43,7 @@ class Settings:
     redis_prefix: str = "vgw:"
     access_log: bool = True
     upstream_ca_bundle: str | None = None
+    key_cache_ttl: float = 0.9
     prices: dict = dataclasses.field(default_factory=dict)
     spend_log_max: int = 100_000
     parallel_lease_seconds: float = 120.0
@@ -71,6 +72,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("UPSTREAM_POOL_SIZE and REDIS_POOL_SIZE must be positive")
     if s.upstream_ca_bundle and not os.path.isfile(s.upstream_ca_bundle):
         raise ConfigError(f"UPSTREAM_CA_BUNDLE: no such file {s.upstream_ca_bundle!r}")
+    if not 0 <= s.key_cache_ttl <= 60:
+        raise ConfigError("KEY_CACHE_TTL must be between 0 (no cache) and 60 seconds")
     if s.spend_log_max <= 0 or s.parallel_lease_seconds <= 0:
         raise ConfigError("SPEND_LOG_MAX_ENTRIES and PARALLEL_SLOT_LEASE_SECONDS must be positive")
     if s.redis_ssl_cert_reqs not in ("required", "none"):
@@ -148,6 +151,7 @@ def load_settings(environ=None, **overrides) -> Settings:
         redis_prefix=env.get("REDIS_KEY_PREFIX", "vgw:"),
         access_log=not _flag(env, "DISABLE_ACCESS_LOG"),
         upstream_ca_bundle=env.get("UPSTREAM_CA_BUNDLE", "").strip() or None,
+        key_cache_ttl=_number(env, "KEY_CACHE_TTL", 0.9),
         prices=load_prices(env),
         spend_log_max=_number(env, "SPEND_LOG_MAX_ENTRIES", 100_000, int),
         parallel_lease_seconds=_number(env, "PARALLEL_SLOT_LEASE_SECONDS", 120.0),

@@ -21,7 +21,9 @@ import redis
 from gateway.auth import Identity, hash_key
 from gateway.durations import parse_duration
 from gateway.errors import GatewayError
+from gateway.keycache import KeyCache
 from gateway.rediskeys import RedisKeys
+from gateway.runtime import gevent_patched
 
 GONE_RETENTION_MS = 30 * 86400 * 1000
 _TOKEN = re.compile(r"[0-9a-f]{64}")
@@ -51,9 +53,14 @@ def unavailable() -> GatewayError:
 class KeyStore:
     """CRUD and authentication for virtual keys."""
 
-    def __init__(self, client: redis.Redis, names: RedisKeys):
+    def __init__(self, client: redis.Redis, names: RedisKeys, cache_ttl: float = 0.9,
+                 cache: bool | None = None):
         self.redis = client
         self.names = names
+        # The cache is for gevent workers, where a listener greenlet hears other workers'
+        # changes; elsewhere (tests, dev server) every request reads Redis.
+        use_cache = (gevent_patched() if cache is None else cache) and cache_ttl > 0
+        self.cache = KeyCache(client, names.prefix + "key-changes", cache_ttl) if use_cache else None
         self.index = names.key_index
         self.record_key = names.record
         self.alias_key = names.alias
@@ -98,8 +105,13 @@ class KeyStore:
         return record
 
     def authenticate(self, credential: str) -> Identity:
-        """One round trip: the record, why it is gone if it is, and its budget-period spend."""
+        """The key's record and budget-period spend: from the cache, else one Redis round trip."""
         token = hash_key(credential)
+        hit = self.cache.get(token) if self.cache is not None else None
+        if hit is not None:
+            return self._check(token, *hit)
+        if self.cache is not None:
+            self.cache.listen_in_background()
         try:
             pipe = self.redis.pipeline(transaction=False)
             pipe.get(self.record_key(token))
@@ -114,13 +126,31 @@ class KeyStore:
             if gone == "regenerated":
                 raise GatewayError(401, "API key was regenerated; use the new key", "auth_error")
             raise GatewayError(401, "Invalid API key", "auth_error")
-        record = json.loads(raw)
+        record, budget = json.loads(raw), tuple(budget)
+        if self.cache is not None:
+            self.cache.put(token, record, budget)
+        return self._check(token, record, budget)
+
+    @staticmethod
+    def _check(token: str, record: dict, budget: tuple) -> Identity:
         expires_at = record.get("expires_at")
         if expires_at is not None and time.time() >= expires_at:
             raise GatewayError(401, f"API key expired at {record['expires']}", "expired_key")
         if record.get("blocked"):
             raise GatewayError(401, "API key is blocked", "auth_error")
-        return Identity(is_master=False, token=token, key=record, budget=tuple(budget))
+        return Identity(is_master=False, token=token, key=record, budget=budget)
+
+    def _changed(self, *tokens: str) -> None:
+        """After an admin write: no worker may keep serving the old record from its cache."""
+        if self.cache is not None:
+            self.cache.evict(tokens)
+        else:
+            # No local cache, but other processes (gevent workers) may have one.
+            try:
+                for token in tokens:
+                    self.redis.publish(self.names.prefix + "key-changes", token)
+            except REDIS_ERRORS:
+                pass
 
     def list(self, page: int, size: int, key_alias=None, user_id=None, team_id=None, full=False) -> dict:
         try:
@@ -239,7 +269,9 @@ class KeyStore:
             return updated
 
         watched = [self.record_key(token)] + [self.alias_key(a) for a in {old_alias, new_alias} if a]
-        return self._transaction(apply, *watched)
+        updated = self._transaction(apply, *watched)
+        self._changed(token)
+        return updated
 
     def delete(self, records: list[dict]) -> None:
         """Delete several keys at once (all or nothing)."""
@@ -254,6 +286,7 @@ class KeyStore:
 
         watched = [self.alias_key(r["key_alias"]) for r in records if r.get("key_alias")]
         self._transaction(remove, *watched)
+        self._changed(*(r["token"] for r in records))
 
     def regenerate(self, record: dict, grace_seconds: int | None, custom_key: str | None = None) -> dict:
         """Issue a new key with the same settings; the old one stops now or after the grace period."""
@@ -287,4 +320,5 @@ class KeyStore:
             return fresh
 
         fresh = self._transaction(swap, self.record_key(old), self.record_key(token))
+        self._changed(old)
         return {**fresh, "key": key}
