@@ -18,6 +18,7 @@ from gateway.limits import RateLimiter
 from gateway.rediskeys import RedisKeys
 from gateway.proxy import PassThrough
 from gateway.redisconn import make_redis
+from gateway.replicas import Replicas
 from gateway.upstream import Upstream
 
 log = logging.getLogger("gateway")
@@ -41,10 +42,10 @@ def create_app(config=None) -> Flask:
     app.config["GATEWAY_SETTINGS"] = settings
     accesslog.configure(settings.access_log)
 
-    upstream = Upstream(settings.upstream_base, api_key=settings.upstream_key,
-                        connect_timeout=settings.connect_timeout,
-                        read_timeout=settings.read_timeout, pool_size=settings.upstream_pool_size,
-                        ca_bundle=settings.upstream_ca_bundle)
+    upstreams = [Upstream(base, api_key=settings.upstream_key, connect_timeout=settings.connect_timeout,
+                          read_timeout=settings.read_timeout, pool_size=settings.upstream_pool_size,
+                          ca_bundle=settings.upstream_ca_bundle)
+                 for base in settings.upstream_bases]
     if redis_client is None:
         redis_client = make_redis(settings)
     names = RedisKeys(settings.redis_prefix)
@@ -52,13 +53,14 @@ def create_app(config=None) -> Flask:
     authenticator = Authenticator(settings.master_key, keystore)
     app.extensions["gateway.redis"] = redis_client
     app.extensions["gateway.keystore"] = keystore
-    app.extensions["gateway.upstream"] = upstream
+    replicas = Replicas(upstreams, cooloff=settings.upstream_cooloff, redis=redis_client, names=names)
+    app.extensions["gateway.replicas"] = replicas
     app.extensions["gateway.auth"] = authenticator
     limiter = RateLimiter(redis_client, names, settings.parallel_lease_seconds)
     accounting = Accounting(redis_client, names, settings.prices, settings.spend_log_max, limiter)
     app.extensions["gateway.accounting"] = accounting
-    app.extensions["gateway.passthrough"] = PassThrough(upstream, authenticator, settings.max_body_bytes,
-                                                        accounting, limiter)
+    app.extensions["gateway.passthrough"] = PassThrough(replicas, upstreams[0].auth_header, authenticator,
+                                                        settings.max_body_bytes, accounting, limiter)
 
     from blueprints import health, keys, passthrough, spend
     app.register_blueprint(passthrough.bp)

@@ -15,12 +15,17 @@ def liveness():
 def readiness():
     """Each dependency's state; 503 when any is down."""
     checks = {}
-    ok, detail = current_app.extensions["gateway.upstream"].probe()
-    checks["upstream"] = {"status": "up" if ok else "down", "detail": detail}
+    replicas = current_app.extensions["gateway.replicas"].status()
+    up = sum(r["status"] == "up" for r in replicas)
+    checks["upstream"] = {"status": "up" if up else "down",
+                          "detail": f"{up} of {len(replicas)} vLLM replicas answer",
+                          "replicas": replicas}
     keystore = current_app.extensions.get("gateway.keystore")
     if keystore is not None:
         ok, detail = keystore.ping()
         checks["keystore"] = {"status": "up" if ok else "down", "detail": detail}
     healthy = all(c["status"] == "up" for c in checks.values())
-    body = {"status": "healthy" if healthy else "unhealthy", "dependencies": checks}
-    return jsonify(body), 200 if healthy else 503
+    status = "healthy" if healthy else "unhealthy"
+    if healthy and up < len(replicas):
+        status = "degraded"  # still serving on the replicas that answer
+    return jsonify({"status": status, "dependencies": checks}), 200 if healthy else 503

@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 class Settings:
     """Everything the gateway reads from its environment."""
 
-    upstream_base: str
+    upstream_bases: tuple
     master_key: str
     upstream_key: str | None = None
     allow_weak_master_key: bool = False
@@ -42,6 +42,7 @@ class Settings:
     redis_socket_timeout: float = 2.0
     redis_prefix: str = "vgw:"
     access_log: bool = True
+    upstream_cooloff: float = 10.0
     upstream_ca_bundle: str | None = None
     key_cache_ttl: float = 0.9
     prices: dict = dataclasses.field(default_factory=dict)
@@ -50,6 +51,11 @@ class Settings:
 
     def __post_init__(self):
         _validate(self)
+
+    @property
+    def upstream_base(self) -> str:
+        """The first (or only) vLLM base."""
+        return self.upstream_bases[0]
 
 
 def _validate(s: Settings) -> None:
@@ -64,6 +70,12 @@ def _validate(s: Settings) -> None:
             f"{MIN_MASTER_KEY_LENGTH} characters; {MAKE_KEY_HINT} "
             "(for local development only, ALLOW_WEAK_MASTER_KEY=1 accepts it)"
         )
+    if not s.upstream_bases:
+        raise ConfigError("HOSTED_VLLM_API_BASE lists no vLLM server")
+    if len(set(s.upstream_bases)) != len(s.upstream_bases):
+        raise ConfigError("HOSTED_VLLM_API_BASE lists the same server twice")
+    if s.upstream_cooloff < 0:
+        raise ConfigError("UPSTREAM_COOLOFF_SECONDS must not be negative")
     if s.connect_timeout <= 0 or s.read_timeout <= 0:
         raise ConfigError("UPSTREAM_CONNECT_TIMEOUT and UPSTREAM_READ_TIMEOUT must be positive")
     if s.max_body_bytes <= 0:
@@ -78,6 +90,11 @@ def _validate(s: Settings) -> None:
         raise ConfigError("SPEND_LOG_MAX_ENTRIES and PARALLEL_SLOT_LEASE_SECONDS must be positive")
     if s.redis_ssl_cert_reqs not in ("required", "none"):
         raise ConfigError("REDIS_SSL_CERT_REQS must be 'required' or 'none'")
+
+
+def parse_bases(raw: str) -> tuple:
+    """One base, or several separated by commas (replicas of the same model server)."""
+    return tuple(normalise_base(part) for part in raw.split(",") if part.strip())
 
 
 def normalise_base(raw: str) -> str:
@@ -136,7 +153,7 @@ def load_settings(environ=None, **overrides) -> Settings:
                 "(python -m fakevllm starts a fake one for demos)"
             )
     values = dict(
-        upstream_base=normalise_base(base),
+        upstream_bases=parse_bases(base),
         master_key=env.get("LITELLM_MASTER_KEY", "").strip(),
         upstream_key=(env.get("HOSTED_VLLM_API_KEY") or env.get("VLLM_API_KEY") or "").strip() or None,
         allow_weak_master_key=_flag(env, "ALLOW_WEAK_MASTER_KEY"),
@@ -150,6 +167,7 @@ def load_settings(environ=None, **overrides) -> Settings:
         redis_socket_timeout=_number(env, "REDIS_SOCKET_TIMEOUT", 2.0),
         redis_prefix=env.get("REDIS_KEY_PREFIX", "vgw:"),
         access_log=not _flag(env, "DISABLE_ACCESS_LOG"),
+        upstream_cooloff=_number(env, "UPSTREAM_COOLOFF_SECONDS", 10.0),
         upstream_ca_bundle=env.get("UPSTREAM_CA_BUNDLE", "").strip() or None,
         key_cache_ttl=_number(env, "KEY_CACHE_TTL", 0.9),
         prices=load_prices(env),

@@ -26,13 +26,16 @@ class GatewayError(Exception):
     """Raised anywhere in the gateway; rendered as the JSON envelope with `status`."""
 
     def __init__(self, status: int, message: str, type_: str | None = None,
-                 param: str | None = None, headers: dict | None = None):
+                 param: str | None = None, headers: dict | None = None,
+                 kind: str | None = None, retryable: bool = False):
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type_ or _TYPES_BY_STATUS.get(status, "internal_error")
         self.param = param
         self.headers = headers or {}
+        self.kind = kind            # for upstream failures: what went wrong, for metrics
+        self.retryable = retryable  # True only when nothing of the request reached vLLM
 
     def body(self) -> bytes:
         return error_body(self.status, self.message, self.type, self.param)

@@ -15,6 +15,7 @@ from gateway.accesslog import RequestRecord
 from gateway.accounting import current_budget_spend
 from gateway.errors import GatewayError, error_body
 from gateway.forwarding import forward_headers, read_body, request_id_for, vllm_target
+from gateway.replicas import creates_response, response_id_in, sticky_id
 from gateway.upstream import RelayBody, read_small_body, response_headers
 from gateway.usage import Usage, UsageTap
 
@@ -79,7 +80,8 @@ def request_fields(body: bytes, content_type: str | None, forms: bool) -> dict |
 class Exchange:
     """One /vllm request from admission to accounting."""
 
-    __slots__ = ("proxy", "record", "identity", "path", "fields", "end_user", "slot", "tap", "upstream_status")
+    __slots__ = ("proxy", "record", "identity", "path", "fields", "end_user", "slot", "tap", "replica",
+                 "capture_id")
 
     def __init__(self, proxy, record, identity, path):
         self.proxy = proxy
@@ -90,16 +92,25 @@ class Exchange:
         self.end_user = None
         self.slot = None
         self.tap = None
+        self.replica = None
+        self.capture_id = False
 
     def on_chunk(self, chunk: bytes) -> None:
         if self.tap is not None:
             self.tap.feed(chunk)
         if self.slot is not None:
             self.slot.renew()
+        if self.capture_id:
+            response_id = response_id_in(chunk)
+            if response_id is not None:
+                self.capture_id = False
+                self.proxy.replicas.remember(response_id, self.replica)
 
     def finish(self, status: int | None = None) -> None:
         """Account for the request (called once, after the response closed or failed)."""
         record = self.record
+        if self.replica is not None:
+            self.proxy.replicas.release(self.replica)
         if self.tap is not None:
             usage = self.tap.result(self.fields)
         else:
@@ -138,8 +149,10 @@ class Exchange:
 class PassThrough:
     """Forwards `/vllm/<path>` to vLLM untranslated; one instance per worker."""
 
-    def __init__(self, upstream, authenticator, max_body_bytes: int, accounting, limiter):
-        self.upstream = upstream
+    def __init__(self, replicas, upstream_auth: str | None, authenticator, max_body_bytes: int,
+                 accounting, limiter):
+        self.replicas = replicas
+        self.upstream_auth = upstream_auth
         self.authenticator = authenticator
         self.max_body_bytes = max_body_bytes
         self.accounting = accounting
@@ -182,9 +195,11 @@ class PassThrough:
         method = environ["REQUEST_METHOD"]
         try:
             body = self._admit(environ, exchange)
-            headers = forward_headers(environ, record.request_id, self.upstream.auth_header)
-            target = (self.upstream.base_path + path or "/") + query
-            resp = self.upstream.send(method, target, headers, body)
+            headers = forward_headers(environ, record.request_id, self.upstream_auth)
+            replicas = self.replicas
+            response_id = None if replicas.single else sticky_id(method, path, exchange.fields)
+            exchange.replica, resp = replicas.send(method, path, query, headers, body, response_id)
+            exchange.capture_id = not replicas.single and creates_response(method, path)
         except GatewayError as exc:
             if record.error is None:
                 record.error = exc.message
@@ -233,7 +248,7 @@ class PassThrough:
         if small is not None:
             record.ttfb = time.monotonic()
             record.bytes_out = len(small)
-            exchange.tap.feed(small)
+            exchange.on_chunk(small)
             return out_headers, [small]
         record.stream = True
         return out_headers, RelayBody(resp, record, exchange)

@@ -33,5 +33,8 @@ class RedisKeys:
     def tpm(self, token: str, window: int) -> str:
         return f"{self.prefix}rl:{{{token}}}:tpm:{window}"
 
+    def sticky(self, response_id: str) -> str:
+        return f"{self.prefix}resp:{response_id}"
+
     def parallel(self, token: str) -> str:
         return f"{self.prefix}rl:{{{token}}}:parallel"

@@ -62,12 +62,15 @@ class Upstream:
             return self.pool.request(head, body, head_only=method == "HEAD")
         except UpstreamTimeout as exc:
             if exc.phase == "connect":
-                raise GatewayError(504, f"vLLM did not accept the connection within {self.connect_timeout:g}s") from None
-            raise GatewayError(504, f"vLLM did not answer within {self.read_timeout:g}s") from None
+                raise GatewayError(504, f"vLLM did not accept the connection within {self.connect_timeout:g}s",
+                                   kind="connect_timeout", retryable=True) from None
+            raise GatewayError(504, f"vLLM did not answer within {self.read_timeout:g}s",
+                               kind="read_timeout") from None
         except UpstreamError as exc:
             if exc.phase == "connect":
-                raise GatewayError(502, f"vLLM is unreachable ({exc.kind})") from None
-            raise GatewayError(502, f"vLLM failed to answer ({exc.kind})") from None
+                raise GatewayError(502, f"vLLM is unreachable ({exc.kind})",
+                                   kind=exc.kind.replace(" ", "_"), retryable=True) from None
+            raise GatewayError(502, f"vLLM failed to answer ({exc.kind})", kind=exc.kind.replace(" ", "_")) from None
 
     def probe(self, timeout: float = 2.0) -> tuple[bool, str]:
         """GET {base}/health for readiness; returns (ok, detail)."""

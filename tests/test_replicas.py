@@ -1,0 +1,190 @@
+"""Several vLLM replicas behind /vllm: balance, failover, stickiness, readiness."""
+import json
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from gateway.errors import GatewayError
+from gateway.replicas import Replicas, sticky_id
+from tests.conftest import MASTER, MASTER_KEY, UPSTREAM_KEY, FakeVLLM, build_app, free_port, gateway_environ
+
+
+@pytest.fixture(scope="module")
+def second_vllm():
+    server = FakeVLLM(["--api-key", UPSTREAM_KEY])
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def two(vllm, second_vllm):
+    second_vllm.clear()
+    return vllm, second_vllm
+
+
+def dead_base():
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens there
+
+
+# -- unit: the choice itself -------------------------------------------------------------------
+
+class StubUpstream:
+    def __init__(self, base, fail=None):
+        self.base, self.base_path, self.fail, self.calls = base, "", fail, 0
+
+    def send(self, method, path, headers, body):
+        self.calls += 1
+        if self.fail:
+            raise self.fail
+        return f"response from {self.base}"
+
+
+def test_fewest_in_flight_wins_and_ties_alternate():
+    a, b, c = StubUpstream("a"), StubUpstream("b"), StubUpstream("c")
+    reps = Replicas([a, b, c], cooloff=10)
+    held = [reps.send("GET", "/x", "", {}, None)[0] for _ in range(6)]  # none released: all in flight
+    assert sorted(r.name for r in held) == ["a", "a", "b", "b", "c", "c"]
+    for replica in held[:2]:
+        reps.release(replica)
+    freed = {held[0].name, held[1].name}
+    assert reps.send("GET", "/x", "", {}, None)[0].name in freed
+
+
+def test_connect_failure_fails_over_and_cools_off():
+    refused = GatewayError(502, "vLLM is unreachable (connection refused)", kind="connection_refused", retryable=True)
+    bad, good = StubUpstream("bad", fail=refused), StubUpstream("good")
+    reps = Replicas([bad, good], cooloff=60)
+    for _ in range(5):
+        replica, resp = reps.send("GET", "/x", "", {}, None)
+        assert replica.name == "good"
+        reps.release(replica)
+    assert bad.calls == 1  # skipped while cooling off
+    assert reps.replicas[0].inflight == 0 and reps.replicas[1].inflight == 0
+
+
+def test_failure_after_the_request_was_sent_is_not_retried():
+    late = GatewayError(504, "vLLM did not answer within 1s", kind="read_timeout")
+    slow, other = StubUpstream("slow", fail=late), StubUpstream("other")
+    reps = Replicas([slow, other], cooloff=60)
+    reps._turn = 0
+    with pytest.raises(GatewayError):
+        reps.send("GET", "/x", "", {}, None)
+    assert other.calls == 0 and reps.replicas[0].inflight == 0
+
+
+def test_all_down_is_the_last_error():
+    refused = GatewayError(502, "vLLM is unreachable (connection refused)", kind="connection_refused", retryable=True)
+    reps = Replicas([StubUpstream("a", fail=refused), StubUpstream("b", fail=refused)], cooloff=60)
+    with pytest.raises(GatewayError) as err:
+        reps.send("GET", "/x", "", {}, None)
+    assert err.value.status == 502
+
+
+@pytest.mark.parametrize("method, path, fields, expected", [
+    ("GET", "/v1/responses/resp_1", None, "resp_1"),
+    ("POST", "/v1/responses/resp_2/cancel", None, "resp_2"),
+    ("POST", "/v1/responses", {"previous_response_id": "resp_3"}, "resp_3"),
+    ("POST", "/v1/responses", {"input": "x"}, None),
+    ("POST", "/v1/chat/completions", {"previous_response_id": "resp_4"}, None),
+])
+def test_sticky_routes(method, path, fields, expected):
+    assert sticky_id(method, path, fields) == expected
+
+
+def test_rendezvous_is_stable():
+    reps = Replicas([StubUpstream(n) for n in "abcd"], cooloff=10)
+    chosen = {reps.rendezvous(f"resp_{i}").name for i in range(200)}
+    assert chosen == set("abcd")  # spread...
+    assert all(reps.rendezvous(f"resp_{i}") is reps.rendezvous(f"resp_{i}") for i in range(50))  # ...and stable
+
+
+# -- through a real gunicorn gateway -------------------------------------------------------------
+
+def test_streams_spread_by_in_flight(two, start_gateway):
+    a, b = two
+    gw = start_gateway(gateway_environ(f"{a.url},{b.url}"))
+    body = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "stream": True}).encode()
+    socks = []
+    try:
+        for i in range(6):
+            s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+            s.sendall(b"POST /vllm/v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+                      + f"Authorization: Bearer {MASTER_KEY}\r\nX-Request-Id: spread-{i}\r\n".encode()
+                      + b"x-fake-chunk-delay-ms: 100\r\nx-fake-chunks: 600\r\nContent-Type: application/json\r\n"
+                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            received = b""
+            while b"data: " not in received:
+                received += s.recv(65536)
+            socks.append(s)
+        inflight = [requests.get(f.url + "/_fake/inflight").json()["inflight"] for f in (a, b)]
+        assert inflight == [3, 3]
+        # a non-stream request now goes to either (tie); with one more stream on a, it goes to b
+        r = requests.post(gw.url + "/vllm/v1/chat/completions", headers=MASTER,
+                          json={"model": "fake-model", "messages": [{"role": "user", "content": "y"}]})
+        assert r.status_code == 200
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_refused_replica_is_skipped(vllm, start_gateway):
+    gw = start_gateway(gateway_environ(f"{dead_base()},{vllm.url}"))
+    for i in range(6):
+        r = requests.get(gw.url + "/vllm/v1/models", headers=MASTER)
+        assert r.status_code == 200, r.text
+    assert len(vllm.requests()) == 6
+    ready = requests.get(gw.url + "/health/readiness").json()
+    assert ready["status"] == "degraded"
+    states = {r["status"] for r in ready["dependencies"]["upstream"]["replicas"]}
+    assert states == {"up", "down"}
+
+
+def test_all_replicas_down_is_502_and_not_ready(start_gateway):
+    gw = start_gateway(gateway_environ(f"{dead_base()},{dead_base()}"))
+    r = requests.get(gw.url + "/vllm/v1/models", headers=MASTER)
+    assert r.status_code == 502 and "unreachable" in r.json()["error"]["message"]
+    assert requests.get(gw.url + "/health/readiness").status_code == 503
+
+
+def test_no_retry_once_the_response_started(two, start_gateway):
+    a, b = two
+    gw = start_gateway(gateway_environ(f"{a.url},{b.url}"))
+    r = requests.post(gw.url + "/vllm/v1/chat/completions", stream=True, timeout=10,
+                      headers={**MASTER, "x-fake-fail-after": "2", "X-Request-Id": "once-1"},
+                      json={"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "stream": True})
+    try:
+        for _ in r.iter_content(chunk_size=None):
+            pass
+    except requests.exceptions.ChunkedEncodingError:
+        pass
+    sent = [x for f in (a, b) for x in f.requests() if x["request_id"] == "once-1"]
+    assert len(sent) == 1
+
+
+def test_responses_follow_ups_stick_to_the_creating_replica(two, start_gateway, real_redis_prefix):
+    from tests.conftest import REAL_REDIS_URL
+    a, b = two
+    _, prefix = real_redis_prefix
+    gw = start_gateway(gateway_environ(f"{a.url},{b.url}", REDIS_URL=REAL_REDIS_URL, REDIS_KEY_PREFIX=prefix), workers=2)
+    creators = {}
+    for i in range(6):
+        r = requests.post(gw.url + "/vllm/v1/responses", headers={**MASTER, "X-Request-Id": f"stick-{i}"},
+                          json={"model": "fake-model", "input": "hi", "store": True, "stream": i % 2 == 0})
+        assert r.status_code == 200
+        rid = f"resp_stick-{i}"   # the fake, like vLLM, derives the id from X-Request-Id
+        assert rid in r.text
+        creators[rid] = next(f for f in (a, b) if any(x["request_id"] == f"stick-{i}" for x in f.requests()))
+    assert {id(f) for f in creators.values()} == {id(a), id(b)}  # creations were spread over both
+    for rid, creator in creators.items():
+        for follow_up in (f"/v1/responses/{rid}", f"/v1/responses/{rid}/cancel"):
+            method = requests.get if follow_up.endswith(rid) else requests.post
+            assert method(gw.url + "/vllm" + follow_up, headers=MASTER).status_code == 200
+        r = requests.post(gw.url + "/vllm/v1/responses", headers={**MASTER, "X-Request-Id": f"next-{rid}"},
+                          json={"model": "fake-model", "input": "more", "previous_response_id": rid})
+        assert r.status_code == 200
+        for f in (a, b):
+            touched = any(x["path"].startswith(f"/v1/responses/{rid}") or x["request_id"] == f"next-{rid}"
+                          for x in f.requests())
+            assert touched == (f is creator), rid
