@@ -12,16 +12,19 @@ from tests.conftest import MASTER, MASTER_KEY, UPSTREAM_KEY, FakeVLLM, build_app
 
 
 @pytest.fixture(scope="module")
-def second_vllm():
-    server = FakeVLLM(["--api-key", UPSTREAM_KEY])
-    yield server
-    server.stop()
+def replica_pair():
+    """Two fresh fake vLLMs of this module's own (so no other test's stream is in flight there)."""
+    servers = [FakeVLLM(["--api-key", UPSTREAM_KEY]) for _ in range(2)]
+    yield servers
+    for server in servers:
+        server.stop()
 
 
 @pytest.fixture
-def two(vllm, second_vllm):
-    second_vllm.clear()
-    return vllm, second_vllm
+def two(replica_pair):
+    for server in replica_pair:
+        server.clear()
+    return tuple(replica_pair)
 
 
 def dead_base():
