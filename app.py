@@ -14,6 +14,7 @@ from gateway.config import Settings, load_settings
 from gateway.errors import GatewayError, error_body
 from gateway.forwarding import request_id_for
 from gateway.keystore import KeyStore
+from gateway.metrics import Metrics
 from gateway.limits import RateLimiter
 from gateway.rediskeys import RedisKeys
 from gateway.proxy import PassThrough
@@ -53,20 +54,25 @@ def create_app(config=None) -> Flask:
     authenticator = Authenticator(settings.master_key, keystore)
     app.extensions["gateway.redis"] = redis_client
     app.extensions["gateway.keystore"] = keystore
-    replicas = Replicas(upstreams, cooloff=settings.upstream_cooloff, redis=redis_client, names=names)
+    metrics = Metrics()
+    app.extensions["gateway.metrics"] = metrics
+    replicas = Replicas(upstreams, cooloff=settings.upstream_cooloff, redis=redis_client, names=names,
+                        on_error=metrics.upstream_error)
     app.extensions["gateway.replicas"] = replicas
     app.extensions["gateway.auth"] = authenticator
     limiter = RateLimiter(redis_client, names, settings.parallel_lease_seconds)
     accounting = Accounting(redis_client, names, settings.prices, settings.spend_log_max, limiter)
     app.extensions["gateway.accounting"] = accounting
     app.extensions["gateway.passthrough"] = PassThrough(replicas, upstreams[0].auth_header, authenticator,
-                                                        settings.max_body_bytes, accounting, limiter)
+                                                        settings.max_body_bytes, accounting, limiter, metrics)
 
     from blueprints import health, keys, passthrough, spend
+    from blueprints import metrics as metrics_bp
     app.register_blueprint(passthrough.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(keys.bp)
     app.register_blueprint(spend.bp)
+    app.register_blueprint(metrics_bp.bp)
 
     _install_request_record(app)
     _install_error_handlers(app)
@@ -76,9 +82,11 @@ def create_app(config=None) -> Flask:
 def _install_request_record(app: Flask) -> None:
     """Every request gets a record and an id; the log line is written when the body closes."""
 
+    metrics = app.extensions["gateway.metrics"]
+
     @app.before_request
     def start_record():
-        record = RequestRecord(request.method, request.path)
+        record = RequestRecord(request.method, request.path, "gateway_" + (request.blueprint or "other"), metrics)
         record.request_id = request_id_for(request.environ)
         g.record = record
 
@@ -108,6 +116,7 @@ def _install_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(GatewayError)
     def gateway_error(exc: GatewayError):
+        app.extensions["gateway.metrics"].refused(exc)
         record = g.get("record")
         if record is not None and record.error is None:
             record.error = exc.message

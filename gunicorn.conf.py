@@ -3,8 +3,11 @@
 Imports nothing that opens sockets or SSL: the gevent worker monkey-patches when it boots,
 and anything imported here first (requests, ssl, urllib3) would escape the patching.
 """
+import glob
 import os
+import shutil
 import sys
+import tempfile
 
 from gateway.config import ConfigError, load_settings, redis_url_from
 
@@ -28,10 +31,38 @@ loglevel = os.environ.get("LOG_LEVEL", "info")
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
 
 
+_METRICS_DIR_CREATED = []
+
+
 def on_starting(server):
-    """Refuse to start with a clear message instead of a worker traceback loop."""
+    """Refuse to start with a clear message instead of a worker traceback loop; prepare the
+    directory where every worker writes its Prometheus values (so /metrics adds them up)."""
     try:
         load_settings()
     except ConfigError as exc:
         print(f"gateway configuration error: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+        for stale in glob.glob(os.path.join(directory, "*.db")):
+            os.remove(stale)  # values of a previous run must not be added to this one
+    else:
+        directory = tempfile.mkdtemp(prefix="vgw-metrics-")
+        _METRICS_DIR_CREATED.append(directory)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory  # inherited by the workers
+
+
+def child_exit(server, worker):
+    """A dead worker's live gauges (open streams) must stop counting. This is what
+    prometheus_client.multiprocess.mark_process_dead does; importing prometheus_client here
+    would import ssl in the master before gevent patches the workers."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        for path in glob.glob(os.path.join(directory, f"gauge_live*_{worker.pid}.db")):
+            os.remove(path)
+
+
+def on_exit(server):
+    for directory in _METRICS_DIR_CREATED:
+        shutil.rmtree(directory, ignore_errors=True)

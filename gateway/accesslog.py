@@ -31,9 +31,9 @@ class RequestRecord:
     """What one request did; filled in along the way, written when the response closes."""
 
     __slots__ = ("start", "wall", "request_id", "method", "path", "status", "upstream_status",
-                 "ttfb", "bytes_in", "bytes_out", "stream", "caller", "error", "extra")
+                 "ttfb", "bytes_in", "bytes_out", "stream", "caller", "error", "extra", "route", "observer")
 
-    def __init__(self, method: str, path: str):
+    def __init__(self, method: str, path: str, route: str | None = None, observer=None):
         self.start = time.monotonic()
         self.wall = time.time()
         self.method = method
@@ -48,9 +48,11 @@ class RequestRecord:
         self.caller = None
         self.error = None
         self.extra = None
+        self.route = route
+        self.observer = observer  # metrics: observe_request(record, duration)
 
-    def as_dict(self) -> dict:
-        end = time.monotonic()
+    def as_dict(self, end: float | None = None) -> dict:
+        end = time.monotonic() if end is None else end
         line = {
             "time": datetime.fromtimestamp(self.wall, timezone.utc).isoformat(timespec="milliseconds"),
             "request_id": self.request_id,
@@ -72,5 +74,8 @@ class RequestRecord:
         return line
 
     def emit(self) -> None:
+        end = time.monotonic()
         if _state["enabled"]:
-            write_line(self.as_dict())
+            write_line(self.as_dict(end))
+        if self.observer is not None:
+            self.observer.observe_request(self, end - self.start)

@@ -63,11 +63,11 @@ class Authenticator:
     def authenticate(self, environ) -> Identity:
         credential = credential_from(environ)
         if not credential:
-            raise GatewayError(401, "No API key given: send it as 'Authorization: Bearer <key>'")
+            raise GatewayError(401, "No API key given: send it as 'Authorization: Bearer <key>'", kind="missing_key")
         if self.is_master(credential):
             return Identity(is_master=True)
         if self.keystore is None:
-            raise GatewayError(401, "Invalid API key")
+            raise GatewayError(401, "Invalid API key", kind="invalid_key")
         return self.keystore.authenticate(credential)
 
     def require_master(self, environ) -> Identity:

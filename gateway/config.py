@@ -43,6 +43,7 @@ class Settings:
     redis_prefix: str = "vgw:"
     access_log: bool = True
     upstream_cooloff: float = 10.0
+    metrics_public: bool = False
     upstream_ca_bundle: str | None = None
     key_cache_ttl: float = 0.9
     prices: dict = dataclasses.field(default_factory=dict)
@@ -168,6 +169,7 @@ def load_settings(environ=None, **overrides) -> Settings:
         redis_prefix=env.get("REDIS_KEY_PREFIX", "vgw:"),
         access_log=not _flag(env, "DISABLE_ACCESS_LOG"),
         upstream_cooloff=_number(env, "UPSTREAM_COOLOFF_SECONDS", 10.0),
+        metrics_public=_flag(env, "METRICS_PUBLIC"),
         upstream_ca_bundle=env.get("UPSTREAM_CA_BUNDLE", "").strip() or None,
         key_cache_ttl=_number(env, "KEY_CACHE_TTL", 0.9),
         prices=load_prices(env),

@@ -47,7 +47,7 @@ def new_key() -> str:
 
 def unavailable() -> GatewayError:
     return GatewayError(503, "the key store (Redis) is unavailable, so virtual keys cannot be "
-                             "checked right now; retry shortly", "service_unavailable")
+                             "checked right now; retry shortly", "service_unavailable", kind="keystore_unavailable")
 
 
 class KeyStore:
@@ -122,10 +122,11 @@ class KeyStore:
             raise unavailable() from None
         if raw is None:
             if gone == "expired":
-                raise GatewayError(401, "API key expired", "expired_key")
+                raise GatewayError(401, "API key expired", "expired_key", kind="expired_key")
             if gone == "regenerated":
-                raise GatewayError(401, "API key was regenerated; use the new key", "auth_error")
-            raise GatewayError(401, "Invalid API key", "auth_error")
+                raise GatewayError(401, "API key was regenerated; use the new key", "auth_error",
+                                   kind="regenerated_key")
+            raise GatewayError(401, "Invalid API key", "auth_error", kind="invalid_key")
         record, budget = json.loads(raw), tuple(budget)
         if self.cache is not None:
             self.cache.put(token, record, budget)
@@ -135,9 +136,9 @@ class KeyStore:
     def _check(token: str, record: dict, budget: tuple) -> Identity:
         expires_at = record.get("expires_at")
         if expires_at is not None and time.time() >= expires_at:
-            raise GatewayError(401, f"API key expired at {record['expires']}", "expired_key")
+            raise GatewayError(401, f"API key expired at {record['expires']}", "expired_key", kind="expired_key")
         if record.get("blocked"):
-            raise GatewayError(401, "API key is blocked", "auth_error")
+            raise GatewayError(401, "API key is blocked", "auth_error", kind="blocked_key")
         return Identity(is_master=False, token=token, key=record, budget=budget)
 
     def _changed(self, *tokens: str) -> None:

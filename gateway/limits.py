@@ -110,7 +110,7 @@ class RateLimiter:
                     "tpm": f"tpm_limit of {tpm_limit} tokens per minute",
                     "parallel": f"max_parallel_requests of {par_limit}"}[verdict]
             raise GatewayError(429, f"Rate limit reached for this key: {what}; retry in {retry}s",
-                               "rate_limit_error", headers={**headers, "Retry-After": str(retry)})
+                               "rate_limit_error", headers={**headers, "Retry-After": str(retry)}, kind=verdict)
         return Slot(self, token, request_id, par_limit is not None, headers)
 
     def renew(self, slot: Slot) -> None:

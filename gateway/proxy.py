@@ -14,6 +14,7 @@ from gateway import policy
 from gateway.accesslog import RequestRecord
 from gateway.accounting import current_budget_spend
 from gateway.errors import GatewayError, error_body
+from gateway.metrics import route_group
 from gateway.forwarding import forward_headers, read_body, request_id_for, vllm_target
 from gateway.replicas import creates_response, response_id_in, sticky_id
 from gateway.upstream import RelayBody, read_small_body, response_headers
@@ -52,6 +53,8 @@ class ClosingBody:
             if close is not None:
                 close()
             if self.exchange is not None:
+                if self.record.stream:
+                    self.exchange.proxy.metrics.streams_open.dec()
                 self.exchange.finish(self.status)
         finally:
             self.record.emit()
@@ -144,13 +147,19 @@ class Exchange:
         }
         record.extra = {"model": usage.model, "total_tokens": usage.total_tokens}
         accounting.record(entry, key, self.slot)
+        metrics = self.proxy.metrics
+        alias = entry["key_alias"] or ("master" if self.identity.is_master else "(no alias)")
+        metrics.usage(alias, usage.model or "unknown", usage.prompt_tokens, usage.completion_tokens, spend)
+        if self.replica is not None and (record.error or "").startswith("upstream stream broke"):
+            metrics.upstream_error("stream_broken", self.replica.name)
 
 
 class PassThrough:
     """Forwards `/vllm/<path>` to vLLM untranslated; one instance per worker."""
 
     def __init__(self, replicas, upstream_auth: str | None, authenticator, max_body_bytes: int,
-                 accounting, limiter):
+                 accounting, limiter, metrics):
+        self.metrics = metrics
         self.replicas = replicas
         self.upstream_auth = upstream_auth
         self.authenticator = authenticator
@@ -161,12 +170,14 @@ class PassThrough:
     def __call__(self, environ, start_response):
         """WSGI entry for /vllm: every outcome, errors included, is logged when the body closes."""
         method = environ["REQUEST_METHOD"]
-        record = RequestRecord(method, environ.get("PATH_INFO", ""))
+        path_info = environ.get("PATH_INFO", "")
+        record = RequestRecord(method, path_info, route_group(path_info[5:]), self.metrics)
         record.request_id = request_id_for(environ)
         exchange = None
         try:
             status, reason, headers, body, exchange = self.handle(environ, record)
         except GatewayError as exc:
+            self.metrics.refused(exc)
             status, reason, body = exc.status, None, [exc.body()]
             headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body[0]))),
                        *exc.headers.items()]
@@ -251,4 +262,5 @@ class PassThrough:
             exchange.on_chunk(small)
             return out_headers, [small]
         record.stream = True
+        self.metrics.streams_open.inc()
         return out_headers, RelayBody(resp, record, exchange)
