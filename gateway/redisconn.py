@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 
 import redis
@@ -30,6 +31,8 @@ def make_redis(settings) -> redis.Redis:
         socket_timeout=settings.redis_socket_timeout,
         socket_connect_timeout=settings.redis_socket_timeout,
         health_check_interval=30,
+        # Named per worker, so an operator (and a test) can see whose connections these are.
+        client_name=f"vgw-worker-{os.getpid()}",
         decode_responses=True,
         # One quick retry, no backoff: an outage must become a fast 503, not a stalled request.
         retry=Retry(NoBackoff(), 1),

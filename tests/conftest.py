@@ -199,6 +199,10 @@ class GatewayServer:
         # The listening socket queues connections until a worker has loaded the app.
         requests.get(self.url + "/health/liveliness", timeout=30).raise_for_status()
 
+    def worker_pids_seen(self) -> set[int]:
+        """Worker pids gunicorn reported booting."""
+        return {int(m) for m in re.findall(r"Booting worker with pid: (\d+)", self.stderr.text())}
+
     def access_lines(self) -> list[dict]:
         return [line for line in self.stdout.json_lines() if "request_id" in line]
 
