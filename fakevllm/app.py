@@ -190,9 +190,19 @@ class FakeVLLM:
         """Wrap stream events in an SSEStream honouring the x-fake-* knobs."""
         env = req.environ
         delay = max(_int_header(env, "HTTP_X_FAKE_CHUNK_DELAY_MS", 0), 0) / 1000.0
+        sock = env.get("fake.socket")
+
+        def pause(seconds):
+            # Watch the socket while pausing, as a real server notices a hang-up during a
+            # silence (e.g. a long prefill) rather than at its next write.
+            if sock is None:
+                time.sleep(seconds)
+            elif _wait_for_hangup(sock, seconds) == "client_gone":
+                raise sse.ClientGone()
+
         events = drive(head, n, content, tail, delay,
                        _int_header(env, "HTTP_X_FAKE_FAIL_AFTER"),
-                       _int_header(env, "HTTP_X_FAKE_STREAM_ERROR_AFTER"), error_tail)
+                       _int_header(env, "HTTP_X_FAKE_STREAM_ERROR_AFTER"), error_tail, sleep=pause)
         rid, path = req.rid, req.raw_path
 
         def on_close(kind, sent):

@@ -31,15 +31,19 @@ class FakeAbort(ConnectionResetError):
         super().__init__(errno.ECONNRESET, "x-fake-fail-after: aborting stream")
 
 
+class ClientGone(Exception):
+    """Raised by a pause that noticed the client hang up."""
+
+
 def drive(head, n, content, tail, delay=0.0, fail_after=None, error_after=None,
-          error_tail=()):
+          error_tail=(), sleep=time.sleep):
     """Yield ``head`` events, ``content(i)`` for i < n, then ``tail`` events.
 
     ``delay`` seconds are slept between events (not before the first, so the
     status line goes out promptly).  ``fail_after``/``error_after`` act once
-    that many content events have been produced.
+    that many content events have been produced.  ``sleep`` may raise
+    ClientGone to end the stream early (the caller watched the socket).
     """
-    sleep = time.sleep
     first = True
     for ev in head:
         if delay and not first:
@@ -100,6 +104,8 @@ class SSEStream:
         except FakeAbort:
             self._kind = "stream_aborted"
             raise
+        except ClientGone:
+            raise StopIteration from None  # kind stays stream_closed_early
 
     def close(self):
         cb, self._on_close = self._on_close, None

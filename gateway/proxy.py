@@ -218,7 +218,7 @@ class PassThrough:
                 exc.headers = {**exchange.slot.headers, **exc.headers}
             exchange.finish(status=exc.status)
             raise
-        out_headers, body = self._relay(resp, method, exchange)
+        out_headers, body = self._relay(resp, method, exchange, environ.get("gunicorn.socket"))
         if exchange.slot is not None:
             out_headers.extend(exchange.slot.headers.items())
         return resp.status, resp.reason, out_headers, body, exchange
@@ -246,7 +246,7 @@ class PassThrough:
             exchange.slot = self.limiter.acquire(identity.token, key, record.request_id)
         return body
 
-    def _relay(self, resp, method: str, exchange):
+    def _relay(self, resp, method: str, exchange, client_socket=None):
         """vLLM's headers and a body to relay: bytes when short, else a streaming RelayBody."""
         record = exchange.record
         record.upstream_status = resp.status
@@ -263,4 +263,4 @@ class PassThrough:
             return out_headers, [small]
         record.stream = True
         self.metrics.streams_open.inc()
-        return out_headers, RelayBody(resp, record, exchange)
+        return out_headers, RelayBody(resp, record, exchange, client_socket)

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import requests
 from werkzeug.http import is_hop_by_hop_header
 
+from gateway.disconnect import watch
 from gateway.errors import GatewayError
 from gateway.httpclient import ConnectionPool, UpstreamError, UpstreamTimeout
 
@@ -119,12 +120,18 @@ class RelayBody:
     never delays it (bytes are immutable: no copy needed).
     """
 
-    def __init__(self, resp, record, observer=None):
+    def __init__(self, resp, record, observer=None, client_socket=None):
         self.resp = resp
         self.record = record
         self.observer = observer
         self.complete = False
         self.closed = False
+        self.client_gone = False
+        self.watcher = watch(client_socket, self._client_gone)
+
+    def _client_gone(self):
+        self.client_gone = True
+        self.resp.close()  # wakes the relay loop with an error; vLLM sees the connection close
 
     def __iter__(self):
         record = self.record
@@ -139,12 +146,14 @@ class RelayBody:
             self.complete = True
         except UpstreamError as exc:
             # Headers are gone already: end the stream cleanly and say why in the log.
-            record.error = f"upstream stream broke: {exc.kind}"
+            record.error = "client disconnected" if self.client_gone else f"upstream stream broke: {exc.kind}"
 
     def close(self):
         if self.closed:
             return
         self.closed = True
+        if self.watcher is not None:
+            self.watcher.kill()  # before gunicorn reads the next request from the same socket
         if not self.complete and self.record.error is None:
             self.record.error = "client disconnected"
         # On an unfinished body this closes the socket, so vLLM aborts the generation (LiteLLM #30244).
