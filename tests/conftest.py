@@ -63,6 +63,11 @@ class OutputWatcher:
             raise TimeoutError(f"no line matching {pattern!r} within {timeout}s:\n{self.text()}")
         return match
 
+    def wait_eof(self, timeout: float = 20.0) -> None:
+        """Block until the process closed its end of the pipe and every line was read."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.lines and self.lines[-1] is None, timeout)
+
     def text(self) -> str:
         return "\n".join(line for line in self.lines if line is not None)
 
