@@ -5,7 +5,7 @@ Flask for its prefix. A relay needs none of Flask's request context, routing or 
 objects, and skipping them saves about 15% of a worker's time per request (bench/). Every
 other route stays with Flask.
 """
-from flask import Blueprint, current_app
+from flask import Blueprint
 
 bp = Blueprint("passthrough", __name__)
 

@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl, quote
 
 from . import handlers as H
 from .payloads import dumps, models_list
-from .sse import SSEStream, drive
+from .sse import ClientGone, SSEStream, drive
 
 __all__ = ["make_app", "FakeVLLM"]
 
@@ -198,7 +198,7 @@ class FakeVLLM:
             if sock is None:
                 time.sleep(seconds)
             elif _wait_for_hangup(sock, seconds) == "client_gone":
-                raise sse.ClientGone()
+                raise ClientGone()
 
         events = drive(head, n, content, tail, delay,
                        _int_header(env, "HTTP_X_FAKE_FAIL_AFTER"),

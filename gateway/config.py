@@ -109,7 +109,7 @@ def normalise_base(raw: str) -> str:
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ConfigError("HOSTED_VLLM_API_BASE must not carry a query, fragment or credentials")
     try:
-        parts.port
+        parts.port  # noqa: B018 - reading it validates it (ValueError when out of range)
     except ValueError as exc:
         raise ConfigError(f"HOSTED_VLLM_API_BASE has an invalid port: {exc}") from None
     return raw.rstrip("/")

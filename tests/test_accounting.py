@@ -138,7 +138,6 @@ def test_accounting_survives_a_redis_outage(vllm):
     """Master-key traffic during an outage is accounted once Redis answers again."""
     import fakeredis
 
-    from app import create_app
     from tests.conftest import TEST_PRICES, build_app, gateway_environ
 
     server = fakeredis.FakeServer()

@@ -332,7 +332,7 @@ def test_fail_after_breaks_chunked_stream(srv):
     r = srv.post("/v1/completions", json={"prompt": "a", "stream": True}, stream=True,
                  headers={"x-fake-fail-after": "1"})
     with pytest.raises(requests.exceptions.ChunkedEncodingError):
-        r.content
+        _ = r.content
 
 
 def test_stream_error_after(srv):

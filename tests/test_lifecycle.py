@@ -6,7 +6,6 @@ import socket
 import time
 
 import pytest
-import redis
 import requests
 
 from tests.conftest import MASTER, MASTER_KEY, REAL_REDIS_URL, TEST_PRICES, gateway_environ
@@ -112,8 +111,8 @@ def test_two_instances_share_keys_revocations_limits_budgets_and_spend(vllm, sta
     assert info(a)["spend"] == pytest.approx(4 * 0.013) and info(a)["total_tokens"] == 32
     # budget: 0.052 spent of 0.05 -> refused on both instances
     for gw in (a, b):
-        assert wait_until(lambda: requests.post(gw.url + "/vllm/v1/chat/completions", headers=auth,
-                                                json=CHAT).status_code == 400)
+        assert wait_until(lambda gw=gw: requests.post(gw.url + "/vllm/v1/chat/completions", headers=auth,
+                                                      json=CHAT).status_code == 400)
     # limits: the rpm window is shared (4 admitted + 2 more = 6, then 429 everywhere)
     requests.post(a.url + "/key/update", headers=MASTER, json={"key": created["key"], "max_budget": 100})
     seen = [requests.get(gw.url + "/vllm/v1/models", headers=auth).status_code for gw in (a, b, a, b)]

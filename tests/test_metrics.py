@@ -84,6 +84,7 @@ def test_streams_open_gauge(vllm, start_gateway):
     with requests.post(gw.url + "/vllm/v1/chat/completions", stream=True, timeout=10,
                        headers={**MASTER, "x-fake-chunk-delay-ms": "100", "x-fake-chunks": "100"},
                        json={**CHAT, "stream": True}) as resp:
-        next(resp.iter_content(chunk_size=None))
+        chunks = resp.iter_content(chunk_size=None)  # kept: a dropped generator closes the connection
+        next(chunks)
         assert sample(requests.get(gw.url + "/metrics", headers=MASTER).text, "vgw_streams_open") == 1
     assert wait_until(lambda: sample(requests.get(gw.url + "/metrics", headers=MASTER).text, "vgw_streams_open") == 0)

@@ -1,14 +1,13 @@
 """Several vLLM replicas behind /vllm: balance, failover, stickiness, readiness."""
 import json
 import socket
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
 from gateway.errors import GatewayError
 from gateway.replicas import Replicas, sticky_id
-from tests.conftest import MASTER, MASTER_KEY, UPSTREAM_KEY, FakeVLLM, build_app, free_port, gateway_environ
+from tests.conftest import MASTER, MASTER_KEY, UPSTREAM_KEY, FakeVLLM, free_port, gateway_environ
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +133,7 @@ def test_streams_spread_by_in_flight(two, start_gateway):
 
 def test_refused_replica_is_skipped(vllm, start_gateway):
     gw = start_gateway(gateway_environ(f"{dead_base()},{vllm.url}"))
-    for i in range(6):
+    for _ in range(6):
         r = requests.get(gw.url + "/vllm/v1/models", headers=MASTER)
         assert r.status_code == 200, r.text
     assert len(vllm.requests()) == 6

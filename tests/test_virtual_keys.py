@@ -2,13 +2,12 @@
 import base64
 import json
 import shutil
-import socket
 import subprocess
 
 import pytest
 
 from app import create_app
-from tests.conftest import MASTER, gateway_environ, header, free_port
+from tests.conftest import MASTER, gateway_environ, free_port
 
 
 def make_key(client, **fields) -> dict:
