@@ -177,6 +177,29 @@ MASTER = {"Authorization": f"Bearer {MASTER_KEY}"}
 TEST_PRICES = json.dumps({"fake-model": {"input_cost_per_token": 0.001, "output_cost_per_token": 0.002}})
 
 
+STREAM_BODY = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "one two three"}],
+                          "stream": True}).encode()
+
+
+def open_raw_stream(port: int, request_id: str, key: str = MASTER_KEY, chunks: int = 2000,
+                    delay_ms: int = 50, events: int = 1):
+    """Start a slow SSE chat stream on a raw socket (so the test decides exactly when the
+    client leaves); returns (socket, bytes received) once `events` events have arrived."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=15)
+    s.sendall(b"POST /vllm/v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+              + f"Authorization: Bearer {key}\r\nX-Request-Id: {request_id}\r\n".encode()
+              + f"x-fake-chunk-delay-ms: {delay_ms}\r\nx-fake-chunks: {chunks}\r\n".encode()
+              + b"Content-Type: application/json\r\n"
+              + f"Content-Length: {len(STREAM_BODY)}\r\n\r\n".encode() + STREAM_BODY)
+    received = b""
+    while received.count(b"data: ") < events:
+        data = s.recv(65536)
+        if not data:
+            break
+        received += data
+    return s, received
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,14 +1,12 @@
 """Faults, each against a real gunicorn gevent gateway, a real Redis and the fake vLLM."""
-import json
 import shutil
 import signal
-import socket
 import subprocess
 
 import pytest
 import requests
 
-from tests.conftest import MASTER, MASTER_KEY, TEST_PRICES, free_port, gateway_environ
+from tests.conftest import MASTER, TEST_PRICES, free_port, gateway_environ, open_raw_stream
 from tests.test_keys import wait_until
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "one two three"}]}
@@ -35,15 +33,8 @@ def test_client_leaving_during_a_silence_closes_the_upstream_within_a_second(vll
     """vLLM sends one event then stays silent for 20 s (think: a long prefill). The client
     leaves; the gateway must not wait for vLLM's next byte to notice."""
     gw = start_gateway(gateway_environ(vllm.url))
-    body = json.dumps({**CHAT, "stream": True}).encode()
-    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
-        s.sendall(b"POST /vllm/v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
-                  + f"Authorization: Bearer {MASTER_KEY}\r\nX-Request-Id: silent-1\r\n".encode()
-                  + b"x-fake-chunk-delay-ms: 20000\r\nContent-Type: application/json\r\n"
-                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        received = b""
-        while b"data: " not in received:
-            received += s.recv(65536)
+    s, _ = open_raw_stream(gw.port, "silent-1", delay_ms=20000)
+    s.close()
     status, event = vllm.wait_event("stream_closed_early", "silent-1", timeout=1.0)
     assert status == 200, "vLLM was not hung up on within a second of the client leaving"
     gw.stdout.wait_for('"request_id":"silent-1"')

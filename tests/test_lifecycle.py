@@ -8,24 +8,10 @@ import time
 import pytest
 import requests
 
-from tests.conftest import MASTER, MASTER_KEY, REAL_REDIS_URL, TEST_PRICES, gateway_environ
+from tests.conftest import MASTER, REAL_REDIS_URL, TEST_PRICES, gateway_environ, open_raw_stream
 from tests.test_keys import wait_until
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "one two three"}]}
-
-
-def open_stream(port: int, request_id: str, key: str = MASTER_KEY, chunks: int = 40, delay_ms: int = 50):
-    """Start a slow SSE stream on a raw socket; returns the socket once the first event arrived."""
-    body = json.dumps({**CHAT, "stream": True}).encode()
-    s = socket.create_connection(("127.0.0.1", port), timeout=15)
-    s.sendall(b"POST /vllm/v1/chat/completions HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
-              + f"Authorization: Bearer {key}\r\nX-Request-Id: {request_id}\r\n".encode()
-              + f"x-fake-chunk-delay-ms: {delay_ms}\r\nx-fake-chunks: {chunks}\r\n".encode()
-              + b"Content-Type: application/json\r\n" + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-    received = b""
-    while b"data: " not in received:
-        received += s.recv(65536)
-    return s, received
 
 
 def read_rest(s, received: bytes) -> bytes:
@@ -39,7 +25,7 @@ def read_rest(s, received: bytes) -> bytes:
 def test_sigterm_lets_open_streams_finish(vllm, start_gateway, real_redis_prefix):
     client, prefix = real_redis_prefix
     gw = start_gateway(gateway_environ(vllm.url, REDIS_URL=REAL_REDIS_URL, REDIS_KEY_PREFIX=prefix), workers=2)
-    streams = [open_stream(gw.port, f"term-{i}") for i in range(5)]
+    streams = [open_raw_stream(gw.port, f"term-{i}", chunks=40) for i in range(5)]
     gw.proc.send_signal(signal.SIGTERM)
     gw.stderr.wait_for("Handling signal: term")
     bodies = [read_rest(s, received) for s, received in streams]
@@ -84,7 +70,7 @@ def test_crashed_worker_slot_expires(vllm, start_gateway, real_redis_prefix):
     gw = start_gateway(gateway_environ(vllm.url, REDIS_URL=REAL_REDIS_URL, REDIS_KEY_PREFIX=prefix,
                                        PARALLEL_SLOT_LEASE_SECONDS=2), workers=1)
     key = requests.post(gw.url + "/key/generate", headers=MASTER, json={"max_parallel_requests": 1}).json()["key"]
-    s, _ = open_stream(gw.port, "crash-1", key=key, chunks=1000)
+    s, _ = open_raw_stream(gw.port, "crash-1", key=key, chunks=1000)
     worker = next(iter(gw.worker_pids_seen()))
     os.kill(worker, signal.SIGKILL)          # the worker dies holding the only slot
     s.close()

@@ -1,11 +1,9 @@
 """Per-key rate limits: rpm, tpm, parallel requests; exact under concurrency, across workers."""
-import json
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from tests.conftest import MASTER, REAL_REDIS_URL, TEST_PRICES, build_app, gateway_environ
+from tests.conftest import MASTER, REAL_REDIS_URL, TEST_PRICES, build_app, gateway_environ, open_raw_stream
 from tests.test_keys import wait_until
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "one two three"}]}
@@ -56,15 +54,8 @@ def test_parallel_limit_released_after_client_disconnect(vllm, start_gateway, re
     gw = start_gateway(gateway_environ(vllm.url, REDIS_URL=REAL_REDIS_URL, REDIS_KEY_PREFIX=prefix))
     created = requests.post(gw.url + "/key/generate", headers=MASTER, json={"max_parallel_requests": 1}).json()
     auth = {"Authorization": f"Bearer {created['key']}"}
-    body = json.dumps({**CHAT, "stream": True}).encode()
-    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
-        s.sendall(b"POST /vllm/v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
-                  + f"Authorization: Bearer {created['key']}\r\nX-Request-Id: par-1\r\n".encode()
-                  + b"x-fake-chunk-delay-ms: 50\r\nx-fake-chunks: 2000\r\nContent-Type: application/json\r\n"
-                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        received = b""
-        while b"data: " not in received:
-            received += s.recv(65536)
+    s, _ = open_raw_stream(gw.port, "par-1", key=created["key"])
+    with s:
         # While the stream is open the only slot is taken.
         busy = requests.get(gw.url + "/vllm/v1/models", headers=auth)
         assert busy.status_code == 429 and busy.headers["Retry-After"] == "1"

@@ -1,13 +1,11 @@
 """Several vLLM replicas behind /vllm: balance, failover, stickiness, readiness."""
-import json
-import socket
 
 import pytest
 import requests
 
 from gateway.errors import GatewayError
 from gateway.replicas import Replicas, sticky_id
-from tests.conftest import MASTER, MASTER_KEY, UPSTREAM_KEY, FakeVLLM, free_port, gateway_environ
+from tests.conftest import MASTER, UPSTREAM_KEY, FakeVLLM, free_port, gateway_environ, open_raw_stream
 
 
 @pytest.fixture(scope="module")
@@ -107,19 +105,10 @@ def test_rendezvous_is_stable():
 def test_streams_spread_by_in_flight(two, start_gateway):
     a, b = two
     gw = start_gateway(gateway_environ(f"{a.url},{b.url}"))
-    body = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "stream": True}).encode()
     socks = []
     try:
         for i in range(6):
-            s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
-            s.sendall(b"POST /vllm/v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
-                      + f"Authorization: Bearer {MASTER_KEY}\r\nX-Request-Id: spread-{i}\r\n".encode()
-                      + b"x-fake-chunk-delay-ms: 100\r\nx-fake-chunks: 600\r\nContent-Type: application/json\r\n"
-                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-            received = b""
-            while b"data: " not in received:
-                received += s.recv(65536)
-            socks.append(s)
+            socks.append(open_raw_stream(gw.port, f"spread-{i}", chunks=600, delay_ms=100)[0])
         inflight = [requests.get(f.url + "/_fake/inflight").json()["inflight"] for f in (a, b)]
         assert inflight == [3, 3]
         # a non-stream request now goes to either (tie); with one more stream on a, it goes to b

@@ -7,7 +7,7 @@ import pytest
 import requests
 
 from tests.test_keys import wait_until
-from tests.conftest import MASTER, MASTER_KEY, UPSTREAM_KEY, GatewayServer, gateway_environ
+from tests.conftest import MASTER, MASTER_KEY, UPSTREAM_KEY, GatewayServer, gateway_environ, open_raw_stream
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "say five words"}], "stream": True}
 
@@ -83,15 +83,9 @@ def test_streamed_transcription_is_relayed(gateway, vllm):
 
 
 def test_client_disconnect_closes_the_upstream(gateway, vllm):
-    body = json.dumps(CHAT).encode()
-    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as s:
-        s.sendall(b"POST /vllm/v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
-                  + f"Authorization: Bearer {MASTER_KEY}\r\nX-Request-Id: disc-1\r\n".encode()
-                  + b"x-fake-chunk-delay-ms: 50\r\nx-fake-chunks: 2000\r\nContent-Type: application/json\r\n"
-                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        received = b""
-        while b"data: " not in received:
-            received += s.recv(65536)
+    s, received = open_raw_stream(gateway.port, "disc-1")
+    assert b"data: " in received
+    s.close()
     # The client is gone; the gateway must hang up on vLLM so it stops generating.
     status, event = vllm.wait_event("stream_closed_early", "disc-1", timeout=5)
     assert status == 200, "the fake vLLM never saw the gateway close the stream"
@@ -172,15 +166,8 @@ def test_streams_cut_short_still_record_usage(gateway, vllm):
     except requests.exceptions.ChunkedEncodingError:
         pass
     # client goes away after the first events
-    body = json.dumps(CHAT).encode()
-    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as s:
-        s.sendall(b"POST /vllm/v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
-                  + f"Authorization: Bearer {MASTER_KEY}\r\nX-Request-Id: cut-client\r\n".encode()
-                  + b"x-fake-chunk-delay-ms: 50\r\nx-fake-chunks: 2000\r\nContent-Type: application/json\r\n"
-                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        received = b""
-        while received.count(b"data: ") < 3:
-            received += s.recv(65536)
+    s, _ = open_raw_stream(gateway.port, "cut-client", events=3)
+    s.close()
     vllm.wait_event("stream_closed_early", "cut-client", timeout=5)
     # Accounting is written in batches shortly after the response: poll until both are in.
     logs = {}
