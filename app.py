@@ -45,7 +45,7 @@ def create_app(config=None) -> Flask:
 
     upstreams = [Upstream(base, api_key=settings.upstream_key, connect_timeout=settings.connect_timeout,
                           read_timeout=settings.read_timeout, pool_size=settings.upstream_pool_size,
-                          ca_bundle=settings.upstream_ca_bundle)
+                          ca_bundle=settings.upstream_ca_bundle, max_idle=settings.upstream_max_idle)
                  for base in settings.upstream_bases]
     if redis_client is None:
         redis_client = make_redis(settings)

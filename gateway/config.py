@@ -43,6 +43,7 @@ class Settings:
     redis_prefix: str = "vgw:"
     access_log: bool = True
     upstream_cooloff: float = 10.0
+    upstream_max_idle: float = 4.0
     metrics_public: bool = False
     upstream_ca_bundle: str | None = None
     key_cache_ttl: float = 0.9
@@ -75,6 +76,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("HOSTED_VLLM_API_BASE lists no vLLM server")
     if len(set(s.upstream_bases)) != len(s.upstream_bases):
         raise ConfigError("HOSTED_VLLM_API_BASE lists the same server twice")
+    if s.upstream_max_idle < 0:
+        raise ConfigError("UPSTREAM_KEEPALIVE_SECONDS must not be negative")
     if s.upstream_cooloff < 0:
         raise ConfigError("UPSTREAM_COOLOFF_SECONDS must not be negative")
     if s.connect_timeout <= 0 or s.read_timeout <= 0:
@@ -169,6 +172,7 @@ def load_settings(environ=None, **overrides) -> Settings:
         redis_prefix=env.get("REDIS_KEY_PREFIX", "vgw:"),
         access_log=not _flag(env, "DISABLE_ACCESS_LOG"),
         upstream_cooloff=_number(env, "UPSTREAM_COOLOFF_SECONDS", 10.0),
+        upstream_max_idle=_number(env, "UPSTREAM_KEEPALIVE_SECONDS", 4.0),
         metrics_public=_flag(env, "METRICS_PUBLIC"),
         upstream_ca_bundle=env.get("UPSTREAM_CA_BUNDLE", "").strip() or None,
         key_cache_ttl=_number(env, "KEY_CACHE_TTL", 0.9),

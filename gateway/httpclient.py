@@ -10,9 +10,11 @@ Works on gevent-patched sockets (the gunicorn worker) and on plain ones (tests).
 """
 from __future__ import annotations
 
+import collections
 import select
 import socket
 import ssl
+import time
 
 import httptools
 
@@ -181,14 +183,21 @@ def _dropped(sock) -> bool:
 
 
 class ConnectionPool:
-    """Keep-alive connections to one host, most recently used first."""
+    """Keep-alive connections to one host, most recently used first.
+
+    An idle connection is kept at most `max_idle` seconds: vLLM's server (uvicorn) closes idle
+    keep-alive connections after 5 s, and reusing one just as it does so fails the request.
+    Old ones are closed as new ones come back, so a burst does not leave hundreds of dead
+    sockets (file descriptors) behind.
+    """
 
     def __init__(self, host: str, port: int, *, tls: bool, connect_timeout: float,
-                 read_timeout: float, maxsize: int, ca_bundle: str | None = None):
+                 read_timeout: float, maxsize: int, ca_bundle: str | None = None, max_idle: float = 4.0):
         self.host, self.port = host, port
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.maxsize = maxsize
-        self.idle: list = []
+        self.max_idle = max_idle
+        self.idle: collections.deque = collections.deque()  # (socket, time it came back)
         self.tls_context = None
         if tls:
             import certifi  # by default the CA bundle requests uses, so both paths trust the same roots
@@ -213,18 +222,20 @@ class ConnectionPool:
         return sock
 
     def get(self):
+        now = time.monotonic()
         while self.idle:
-            sock = self.idle.pop()
-            if not _dropped(sock):
+            sock, since = self.idle.pop()
+            if now - since < self.max_idle and not _dropped(sock):
                 return sock
             _close(sock)
         return self._connect()
 
     def put(self, sock) -> None:
-        if len(self.idle) < self.maxsize:
-            self.idle.append(sock)
-        else:
-            _close(sock)
+        now = time.monotonic()
+        idle = self.idle
+        while idle and (now - idle[0][1] >= self.max_idle or len(idle) >= self.maxsize):
+            _close(idle.popleft()[0])
+        idle.append((sock, now))
 
     def request(self, head: bytes, body: bytes | None, head_only: bool) -> Response:
         """Send a ready request head (and body) and read the response head."""
@@ -251,4 +262,4 @@ class ConnectionPool:
 
     def close_all(self) -> None:
         while self.idle:
-            _close(self.idle.pop())
+            _close(self.idle.pop()[0])

@@ -25,7 +25,7 @@ class Upstream:
     """Sends requests to one vLLM base over pooled connections; never follows redirects."""
 
     def __init__(self, base: str, *, api_key: str | None, connect_timeout: float,
-                 read_timeout: float, pool_size: int, ca_bundle: str | None = None):
+                 read_timeout: float, pool_size: int, ca_bundle: str | None = None, max_idle: float = 4.0):
         parts = urlsplit(base)
         self.base = base
         self.base_path = parts.path
@@ -35,7 +35,8 @@ class Upstream:
         port = parts.port or (443 if tls else 80)
         self.host_header = parts.netloc
         self.pool = ConnectionPool(parts.hostname, port, tls=tls, connect_timeout=connect_timeout,
-                                   read_timeout=read_timeout, maxsize=pool_size, ca_bundle=ca_bundle)
+                                   read_timeout=read_timeout, maxsize=pool_size, ca_bundle=ca_bundle,
+                                   max_idle=max_idle)
         self.session = requests.Session()
         self.session.trust_env = False  # no proxy/netrc lookups from the environment
         self.session.verify = ca_bundle or True

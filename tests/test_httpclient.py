@@ -100,7 +100,7 @@ def test_close_delimited_body_ends_at_eof_and_is_not_reused():
     resp = pool.request(HEAD, None, head_only=False)
     assert resp.read_all() == b"abcdef"
     resp.release()
-    assert pool.idle == []
+    assert len(pool.idle) == 0
 
 
 def test_head_and_204_have_no_body():
@@ -181,3 +181,14 @@ def test_tls_verified_against_the_configured_bundle(cert):
     with pytest.raises(UpstreamError) as err:
         untrusted.request(HEAD, None, head_only=False)
     assert "TLS handshake failed" in err.value.kind
+
+
+def test_idle_connections_are_not_kept_past_max_idle():
+    server = ScriptedServer([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"] * 3)
+    pool = pool_for(server, max_idle=0.0)
+    for _ in range(2):
+        resp = pool.request(HEAD, None, head_only=False)
+        assert resp.read_all() == b"ok"
+        resp.release()
+    # max_idle 0: every returned connection is already too old to reuse, so each request connects anew
+    assert server.connections == 2 and len(pool.idle) == 1
