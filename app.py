@@ -41,6 +41,8 @@ def create_app(config=None) -> Flask:
 
     app = Flask(__name__, static_folder=None)
     app.config["GATEWAY_SETTINGS"] = settings
+    # Admin and other Flask routes take small JSON bodies; /vllm has its own limit.
+    app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
     accesslog.configure(settings.access_log)
 
     upstreams = [Upstream(base, api_key=settings.upstream_key, connect_timeout=settings.connect_timeout,

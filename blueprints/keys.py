@@ -1,12 +1,14 @@
 """Admin API for virtual keys, in LiteLLM's names and shapes (master key only)."""
 from __future__ import annotations
 
+import json
+
 from flask import Blueprint, current_app, jsonify, request
 
 from gateway.durations import parse_duration
 from gateway.errors import GatewayError
 from gateway.keystore import REDIS_ERRORS, unavailable
-from gateway.keyfields import KEY_FIELDS, reject_unknown, require_object, validate_fields
+from gateway.keyfields import KEY_FIELDS, encodable, reject_unknown, require_object, validate_fields
 
 bp = Blueprint("keys", __name__, url_prefix="/key")
 
@@ -27,9 +29,10 @@ def json_body() -> dict:
     raw = request.get_data(cache=True)
     if not raw.strip():
         return {}
-    payload = request.get_json(silent=True, force=True)
-    if payload is None:
-        raise GatewayError(400, "the body must be valid JSON")
+    try:
+        payload = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
+        raise GatewayError(400, "the body must be valid JSON") from None
     return require_object(payload)
 
 
@@ -49,8 +52,8 @@ def _identified(payload: dict) -> dict:
         value = payload.get(field)
         if value is None:
             continue
-        if not isinstance(value, str) or not value:
-            raise GatewayError(400, f"{field}: must be a non-empty string", param=field)
+        if not isinstance(value, str) or not value or not encodable(value):
+            raise GatewayError(400, f"{field}: must be a non-empty string of valid Unicode text", param=field)
         return store().find(key=value) if field == "key" else store().find(alias=value)
     raise GatewayError(400, "key: give the key (or its token), or key_alias", param="key")
 

@@ -38,7 +38,7 @@ def json_body(app, req):
     """Parse the JSON object body and check ``model``; raise BadRequest."""
     try:
         body = json.loads(req.body)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too deep
         raise BadRequest(error("JSON decode error: %s" % exc, 400))
     if not isinstance(body, dict):
         raise BadRequest(error("Request body must be a JSON object", 400))

@@ -130,7 +130,10 @@ class Accounting:
         try:
             pipe = self.redis.pipeline(transaction=False)
             for entry, key in batch:
-                self._queue(pipe, entry, key)
+                try:
+                    self._queue(pipe, entry, key)
+                except Exception:  # one malformed entry must not cost the whole batch
+                    log.exception("accounting skipped request %s", entry.get("request_id"))
             pipe.execute()
         except REDIS_ERRORS as exc:
             self.pending.extendleft(reversed(batch))

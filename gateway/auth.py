@@ -45,7 +45,7 @@ def credential_from(environ) -> str | None:
 
 def hash_key(key: str) -> str:
     """The token: sha256 hex of the key, the only form ever stored."""
-    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class Authenticator:
@@ -57,7 +57,7 @@ class Authenticator:
 
     def is_master(self, credential: str) -> bool:
         # Comparing digests keeps the time independent of the key's length and content.
-        digest = hashlib.sha256(credential.encode("utf-8", "surrogateescape")).digest()
+        digest = hashlib.sha256(credential.encode("utf-8", "surrogatepass")).digest()
         return hmac.compare_digest(digest, self._master_digest)
 
     def authenticate(self, environ) -> Identity:

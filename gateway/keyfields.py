@@ -11,6 +11,15 @@ MAX_LIST = 1000
 MIN_CUSTOM_KEY_LENGTH = 16
 
 
+def encodable(text: str) -> bool:
+    """UTF-8 encodable: JSON can spell lone surrogates (\\ud800) that no store can keep."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _bad(field: str, message: str) -> GatewayError:
     return GatewayError(400, f"{field}: {message}", "bad_request_error", param=field)
 
@@ -22,6 +31,8 @@ def _text(field, value, allow_none=True):
         raise _bad(field, "must be a non-empty string")
     if len(value) > MAX_TEXT:
         raise _bad(field, f"must be at most {MAX_TEXT} characters")
+    if not encodable(value):
+        raise _bad(field, "must be valid Unicode text (JSON allows lone surrogates; this does not)")
     return value
 
 
@@ -46,8 +57,10 @@ def _count(field, value):
 def _money(field, value):
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad(field, "must be a number or null")
+    if abs(value) > 1e15 or not math.isfinite(value):  # 10**400 has no float: check the size first
+        raise _bad(field, "must be a finite number below 10^15")
     if value < 0:
         raise _bad(field, "must not be negative")
     return float(value)

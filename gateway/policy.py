@@ -61,7 +61,7 @@ def body_fields(body: bytes, content_type: str | None) -> dict | None:
         return _form_fields(body, content_type)
     try:
         payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
         return None
     return payload if isinstance(payload, dict) else None
 
@@ -77,7 +77,13 @@ def _form_fields(body: bytes, content_type: str) -> dict | None:
         _, form, _ = parse_form_data(environ, silent=False)
     except Exception:  # werkzeug raises several types for malformed multipart
         return None
-    return form.to_dict()
+    # A field sent twice with different values is ambiguous: vLLM (Starlette) takes the last,
+    # a naive reader the first. Keep the list, so a check that wants one string refuses it.
+    fields = {}
+    for name in form:
+        values = form.getlist(name)
+        fields[name] = values[0] if len(set(values)) == 1 else values
+    return fields
 
 
 def check_model(fields: dict | None, key: dict, has_body: bool) -> None:

@@ -15,6 +15,7 @@ from gateway.accesslog import RequestRecord
 from gateway.accounting import current_budget_spend
 from gateway.errors import GatewayError, error_body
 from gateway.metrics import route_group
+from gateway.keyfields import encodable
 from gateway.forwarding import forward_headers, read_body, request_id_for, vllm_target
 from gateway.replicas import creates_response, response_id_in, sticky_id
 from gateway.upstream import RelayBody, read_small_body, response_headers
@@ -65,7 +66,7 @@ def end_user_of(environ, fields: dict | None) -> str | None:
     value = environ.get("HTTP_X_END_USER_ID")
     if not value and fields is not None:
         value = fields.get("user")
-    if isinstance(value, str) and 0 < len(value) <= MAX_END_USER:
+    if isinstance(value, str) and 0 < len(value) <= MAX_END_USER and encodable(value):
         return value
     return None
 

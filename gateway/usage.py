@@ -34,6 +34,17 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+def clean_label(value):
+    """A model name fit for logs, Redis and Prometheus labels: short, encodable text, else None."""
+    if not isinstance(value, str) or not value or len(value) > 256:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
+
+
 def _tokens(usage) -> tuple[int, int] | None:
     """(prompt, completion) from OpenAI-style or Responses-style usage objects."""
     if not isinstance(usage, dict):
@@ -125,7 +136,7 @@ class UsageTap:
             if match:
                 try:
                     tokens = _tokens(json.loads(match.group(1)))
-                except ValueError:
+                except (ValueError, RecursionError):
                     tokens = None
                 if tokens is not None:
                     self.usage = tokens
@@ -133,6 +144,11 @@ class UsageTap:
             self.events += 1
 
     def result(self, request_fields: dict | None) -> Usage:
+        usage = self._result(request_fields)
+        usage.model = clean_label(usage.model)
+        return usage
+
+    def _result(self, request_fields: dict | None) -> Usage:
         request_model = request_fields.get("model") if request_fields else None
         if self.sse:
             model = self.model or (request_model if isinstance(request_model, str) else None)
@@ -149,7 +165,7 @@ class UsageTap:
                 return Usage(request_model, estimated=True)
             try:
                 payload = json.loads(body)
-            except ValueError:
+            except (ValueError, RecursionError):
                 payload = None
             if isinstance(payload, dict):
                 tokens = _tokens(payload.get("usage"))
@@ -157,7 +173,10 @@ class UsageTap:
                 return Usage(model, *tokens) if tokens else Usage(model)
         elif self.encoding in ("", "identity"):
             match = _USAGE.search(body)
-            tokens = _tokens(json.loads(match.group(1))) if match else None
+            try:
+                tokens = _tokens(json.loads(match.group(1))) if match else None
+            except (ValueError, RecursionError):
+                tokens = None
             if tokens:
                 return Usage(request_model, *tokens)
         return Usage(request_model)

@@ -243,3 +243,9 @@ def test_admin_routes_need_the_master_key(kclient, route, method):
     resp = kclient.open(route, method=method, json={}, headers={"Authorization": f"Bearer {created['key']}"})
     assert resp.status_code == 403 and resp.get_json()["error"]["type"] == "permission_error"
     assert kclient.open(route, method=method, json={}).status_code == 401
+
+
+def test_admin_bodies_are_capped(kclient):
+    resp = kclient.post("/key/generate", headers={**MASTER, "Content-Type": "application/json"},
+                        data=b'{"metadata": {"x": "' + b"a" * (2 * 1024 * 1024) + b'"}}')
+    assert resp.status_code == 413 and resp.get_json()["error"]["code"] == "413"
