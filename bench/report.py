@@ -1,7 +1,9 @@
 """Medians over rounds, ratios, and the markdown report of a bench.run result."""
 from __future__ import annotations
 
+import json
 import statistics
+import sys
 
 TARGET_NAMES = {"direct": "direct to fake vLLM", "gateway_master": "gateway, master key",
                 "gateway_virtual": "gateway, virtual key", "null": "null app"}
@@ -191,3 +193,12 @@ def markdown(results: dict) -> str:
     lines += ["Processes: " + "; ".join(f"`{n}`: {c}" for n, c in results["processes"]["commands"].items())
               + ". Idle RSS after start-up: " + ", ".join(f"{n} {kb / 1024:.1f} MB" for n, kb in idle.items()) + ".", ""]
     return "\n".join(lines)
+
+
+def write_results(out, results: dict, text: str) -> None:
+    """Save the machine-readable JSON and the readable table beside it, and print the table."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)

@@ -296,12 +296,7 @@ def main(argv=None) -> int:
         "elapsed_s": round(time.monotonic() - started, 1),
         "scenarios": {s: {"rounds": rounds[s], "summary": report.summarise(s, rounds[s])} for s in scenarios},
     }
-    markdown = report.markdown(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown)
-    print(markdown)
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}", file=sys.stderr)
+    report.write_results(args.out, results, report.markdown(results))
     return 0
 
 

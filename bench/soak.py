@@ -24,6 +24,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from bench import procs
+from bench.report import write_results
 from bench.run import CHAT, CHAT_BODY, STREAM_HEADERS, Bench, machine_info
 
 BIG = 10**9
@@ -432,12 +433,7 @@ def main(argv=None) -> int:
         "notes": soak.notes, "elapsed_s": round(time.monotonic() - started, 1),
         "rows": rows, "deltas": deltas(rows), "verdict": verdict(rows, args),
     }
-    text = markdown(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}", file=sys.stderr)
+    write_results(args.out, results, markdown(results))
     return 0
 
 
