@@ -37,48 +37,52 @@ def create_app(config=None) -> Flask:
     settings = config.pop("settings", None)
     if settings is None:
         settings = load_settings(config.pop("environ", None), **config)
-    assert isinstance(settings, Settings)
+    if not isinstance(settings, Settings):
+        raise TypeError("config['settings'] must be a gateway.config.Settings")
 
     app = Flask(__name__, static_folder=None)
     app.config["GATEWAY_SETTINGS"] = settings
     # Admin and other Flask routes take small JSON bodies; /vllm has its own limit.
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
     accesslog.configure(settings.access_log)
+    _build_services(app, settings, make_redis(settings) if redis_client is None else redis_client)
+    _register_blueprints(app)
+    _install_request_record(app)
+    _install_error_handlers(app)
+    return app
 
+
+def _build_services(app: Flask, settings: Settings, redis_client) -> None:
+    """The per-worker clients and services, kept in app.extensions."""
+    names = RedisKeys(settings.redis_prefix)
+    metrics = Metrics()
     upstreams = [Upstream(base, api_key=settings.upstream_key, connect_timeout=settings.connect_timeout,
                           read_timeout=settings.read_timeout, pool_size=settings.upstream_pool_size,
                           ca_bundle=settings.upstream_ca_bundle, max_idle=settings.upstream_max_idle)
                  for base in settings.upstream_bases]
-    if redis_client is None:
-        redis_client = make_redis(settings)
-    names = RedisKeys(settings.redis_prefix)
-    keystore = KeyStore(redis_client, names, settings.key_cache_ttl)
-    authenticator = Authenticator(settings.master_key, keystore)
-    app.extensions["gateway.redis"] = redis_client
-    app.extensions["gateway.keystore"] = keystore
-    metrics = Metrics()
-    app.extensions["gateway.metrics"] = metrics
     replicas = Replicas(upstreams, cooloff=settings.upstream_cooloff, redis=redis_client, names=names,
                         on_error=metrics.upstream_error)
-    app.extensions["gateway.replicas"] = replicas
-    app.extensions["gateway.auth"] = authenticator
+    keystore = KeyStore(redis_client, names, settings.key_cache_ttl)
+    authenticator = Authenticator(settings.master_key, keystore)
     limiter = RateLimiter(redis_client, names, settings.parallel_lease_seconds)
     accounting = Accounting(redis_client, names, settings.prices, settings.spend_log_max, limiter)
-    app.extensions["gateway.accounting"] = accounting
-    app.extensions["gateway.passthrough"] = PassThrough(replicas, upstreams[0].auth_header, authenticator,
-                                                        settings.max_body_bytes, accounting, limiter, metrics)
+    app.extensions.update({
+        "gateway.redis": redis_client,
+        "gateway.metrics": metrics,
+        "gateway.replicas": replicas,
+        "gateway.keystore": keystore,
+        "gateway.auth": authenticator,
+        "gateway.accounting": accounting,
+        "gateway.passthrough": PassThrough(replicas, upstreams[0].auth_header, authenticator,
+                                           settings.max_body_bytes, accounting, limiter, metrics),
+    })
 
-    from blueprints import health, keys, passthrough, spend
-    from blueprints import metrics as metrics_bp
-    app.register_blueprint(passthrough.bp)
-    app.register_blueprint(health.bp)
-    app.register_blueprint(keys.bp)
-    app.register_blueprint(spend.bp)
-    app.register_blueprint(metrics_bp.bp)
 
-    _install_request_record(app)
-    _install_error_handlers(app)
-    return app
+def _register_blueprints(app: Flask) -> None:
+    from blueprints import health, keys, metrics, passthrough, spend
+
+    for blueprint in (passthrough.bp, health.bp, keys.bp, spend.bp, metrics.bp):
+        app.register_blueprint(blueprint)
 
 
 def _install_request_record(app: Flask) -> None:
