@@ -205,6 +205,7 @@ class PassThrough:
         path, query = vllm_target(environ)
         exchange = Exchange(self, record, identity, path)
         method = environ["REQUEST_METHOD"]
+        resp = None
         try:
             body = self._admit(environ, exchange)
             headers = forward_headers(environ, record.request_id, self.upstream_auth)
@@ -212,14 +213,19 @@ class PassThrough:
             response_id = None if replicas.single else sticky_id(method, path, exchange.fields)
             exchange.replica, resp = replicas.send(method, path, query, headers, body, response_id)
             exchange.capture_id = not replicas.single and creates_response(method, path)
-        except GatewayError as exc:
+            out_headers, body = self._relay(resp, method, exchange, environ.get("gunicorn.socket"))
+        except Exception as exc:
+            # Every way out before a response exists still frees the slot, the replica's
+            # in-flight count and the upstream connection, and is accounted for.
+            if resp is not None:
+                resp.close()
+            status = exc.status if isinstance(exc, GatewayError) else 500
             if record.error is None:
-                record.error = exc.message
-            if exchange.slot is not None:
+                record.error = exc.message if isinstance(exc, GatewayError) else f"internal error: {type(exc).__name__}"
+            if isinstance(exc, GatewayError) and exchange.slot is not None:
                 exc.headers = {**exchange.slot.headers, **exc.headers}
-            exchange.finish(status=exc.status)
+            exchange.finish(status=status)
             raise
-        out_headers, body = self._relay(resp, method, exchange, environ.get("gunicorn.socket"))
         if exchange.slot is not None:
             out_headers.extend(exchange.slot.headers.items())
         return resp.status, resp.reason, out_headers, body, exchange
