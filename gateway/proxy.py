@@ -19,7 +19,7 @@ from gateway.keyfields import encodable
 from gateway.forwarding import forward_headers, read_body, request_id_for, vllm_target
 from gateway.replicas import creates_response, response_id_in, sticky_id
 from gateway.upstream import RelayBody, read_small_body, response_headers
-from gateway.usage import Usage, UsageTap
+from gateway.usage import Usage, UsageTap, clean_label
 
 log = logging.getLogger("gateway")
 MAX_END_USER = 256
@@ -118,8 +118,9 @@ class Exchange:
         if self.tap is not None:
             usage = self.tap.result(self.fields)
         else:
-            model = self.fields.get("model") if self.fields else None
-            usage = Usage(model if isinstance(model, str) else None)
+            usage = Usage(self.fields.get("model") if self.fields else None)
+        # The model name comes from the caller or vLLM: make it safe once for logs, Redis and labels.
+        usage.model = clean_label(usage.model)
         accounting = self.proxy.accounting
         spend = accounting.cost(usage.model, usage.prompt_tokens, usage.completion_tokens)
         key = self.identity.key

@@ -144,11 +144,6 @@ class UsageTap:
             self.events += 1
 
     def result(self, request_fields: dict | None) -> Usage:
-        usage = self._result(request_fields)
-        usage.model = clean_label(usage.model)
-        return usage
-
-    def _result(self, request_fields: dict | None) -> Usage:
         request_model = request_fields.get("model") if request_fields else None
         if self.sse:
             model = self.model or (request_model if isinstance(request_model, str) else None)

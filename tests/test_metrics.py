@@ -88,3 +88,16 @@ def test_streams_open_gauge(vllm, start_gateway):
         next(chunks)
         assert sample(requests.get(gw.url + "/metrics", headers=MASTER).text, "vgw_streams_open") == 1
     assert wait_until(lambda: sample(requests.get(gw.url + "/metrics", headers=MASTER).text, "vgw_streams_open") == 0)
+
+
+def test_odd_model_names_do_not_break_metrics_or_accounting(client, vllm):
+    """A model name vLLM never saw (a lone surrogate, refused upstream) must not reach the labels."""
+    resp = client.post("/vllm/v1/chat/completions", headers={**MASTER, "Content-Type": "application/json"},
+                       data=b'{"model": "\\ud800", "messages": []}')
+    status = resp.status_code  # whatever the fake vLLM made of it is relayed
+    text = client.get("/metrics", headers=MASTER)
+    assert text.status_code == 200
+    assert sample(text.get_data(as_text=True), "vgw_tokens_total", key_alias="master", model="unknown",
+                  type="prompt") == 0
+    logs = client.get("/spend/logs", headers=MASTER).get_json()["logs"]
+    assert logs[0]["model"] is None and logs[0]["status"] == status
