@@ -98,10 +98,6 @@ class Response:
         """First value of a header, by lower-case name."""
         return self._lower.get(name, default)
 
-    @property
-    def chunked(self) -> bool:
-        return "chunked" in self._lower.get("transfer-encoding", "").lower()
-
     def _feed(self, phase: str) -> bool:
         """Read once from the socket into the parser; False on a clean end of stream."""
         try:
@@ -259,7 +255,3 @@ class ConnectionPool:
             resp.close()
             raise
         return resp
-
-    def close_all(self) -> None:
-        while self.idle:
-            _close(self.idle.pop()[0])

@@ -158,5 +158,6 @@ class Replicas:
                 "detail": detail,
                 "inflight": replica.inflight,
                 "cooling_off_s": round(max(replica.down_until - now, 0.0), 1),
+                "last_error": replica.last_error,
             })
         return out

@@ -130,6 +130,8 @@ def test_refused_replica_is_skipped(vllm, start_gateway):
     assert ready["status"] == "degraded"
     states = {r["status"] for r in ready["dependencies"]["upstream"]["replicas"]}
     assert states == {"up", "down"}
+    errors = {r["status"]: r["last_error"] for r in ready["dependencies"]["upstream"]["replicas"]}
+    assert errors == {"down": "vLLM is unreachable (connection refused)", "up": None}
 
 
 def test_all_replicas_down_is_502_and_not_ready(start_gateway):
