@@ -9,6 +9,7 @@ cores; each measurement records how many CPU seconds each of them used. See benc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -222,6 +223,19 @@ class Bench:
             return {"gateway_master": self.measure("streams", "gateway_master", streams=a.many_streams)}
         raise ValueError(scenario)
 
+    @contextlib.contextmanager
+    def running(self):
+        """Start everything, stop it afterwards; on failure show each server's log tail."""
+        try:
+            self.start()
+            yield self
+        except BaseException:
+            for server in self.servers:
+                print(f"--- {server.name} log tail ---\n{server.log_tail()}", file=sys.stderr)
+            raise
+        finally:
+            self.stop()
+
     def stop(self) -> None:
         for server in reversed(self.servers):
             server.stop()
@@ -269,8 +283,7 @@ def main(argv=None) -> int:
     rounds: dict[str, list] = {s: [] for s in scenarios}
     with tempfile.TemporaryDirectory(prefix="bench-logs-") as tmp:
         bench = Bench(args, Path(tmp))
-        try:
-            bench.start()
+        with bench.running():
             bench.preflight()
             processes = {"pids": bench.process_groups(),
                          "commands": {s.name: " ".join(s.argv[1:]).replace(bench.upstream_key, "***")
@@ -280,12 +293,6 @@ def main(argv=None) -> int:
                 for scenario in scenarios:
                     print(f"round {i + 1}/{args.rounds}: {scenario}", file=sys.stderr, flush=True)
                     rounds[scenario].append(bench.run_round(scenario))
-        except BaseException:
-            for server in bench.servers:
-                print(f"--- {server.name} log tail ---\n{server.log_tail()}", file=sys.stderr)
-            raise
-        finally:
-            bench.stop()
     results = {
         "machine": machine_info(),
         "config": {"rounds": args.rounds, "duration_s": args.duration, "warmup_s": args.warmup,

@@ -401,8 +401,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
         soak = Soak(args, Path(tmp))
-        try:
-            soak.start()
+        with soak.running():
             print(f"warm-up: {args.warmup_requests} requests + {max(1, args.warmup_requests // 10)} streams",
                   file=sys.stderr, flush=True)
             warm = run_round(soak, "warm-up", max(1, args.warmup_requests), max(1, args.warmup_requests // 10))
@@ -416,12 +415,6 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"  served {row['served']} errors {row['errors']} rss {row['rss_kb'] / 1024:.1f} MB "
                       f"fds {row['fds']} (upstream {row['fd_kinds']['upstream']}) redis conns {row['redis_conns']}", file=sys.stderr, flush=True)
-        except BaseException:
-            for server in soak.servers:
-                print(f"--- {server.name} log tail ---\n{server.log_tail()}", file=sys.stderr)
-            raise
-        finally:
-            soak.stop()
     results = {
         "machine": machine_info(),
         "config": {"rounds": args.rounds, "requests": args.requests, "streams": args.streams,
