@@ -79,13 +79,16 @@ class Bench:
 
     # -- start-up -------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start_fake_and_gateway(self) -> None:
         self.fake = procs.start_fake_vllm(self.logdir, self.upstream_key)
         self.servers.append(self.fake)
         self.gateway = procs.start_gunicorn(
             "gateway", ["-c", "gunicorn.conf.py", "wsgi:app"], self.gateway_env(), self.logdir,
             "/health/liveliness")
         self.servers.append(self.gateway)
+
+    def start(self) -> None:
+        self.start_fake_and_gateway()
         self.null = procs.start_gunicorn(
             "null", ["-c", "bench/gunicorn_null.conf.py", "-k", "gevent", "-w", "1",
                      "--no-control-socket", "bench.nullapp:app"],

@@ -83,12 +83,7 @@ class Soak(Bench):
     """bench.run's Bench without the null app, with a limited key and all features on."""
 
     def start(self) -> None:
-        self.fake = procs.start_fake_vllm(self.logdir, self.upstream_key)
-        self.servers.append(self.fake)
-        self.gateway = procs.start_gunicorn(
-            "gateway", ["-c", "gunicorn.conf.py", "wsgi:app"], self.gateway_env(), self.logdir,
-            "/health/liveliness")
-        self.servers.append(self.gateway)
+        self.start_fake_and_gateway()
         if not self.redis_url:
             raise RuntimeError("the soak needs Redis (BENCH_REDIS_URL, default redis://127.0.0.1:6379/0): "
                                + "; ".join(self.notes))
