@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,17 @@ class FakeVLLM:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def wait_until(predicate, timeout=5.0):
+    """Poll a condition that has no event to await (key expiry, batched accounting, a lease
+    running out); True as soon as it holds, False if it never did within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
 
 
 def header(recorded: dict, name: str):

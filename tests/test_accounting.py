@@ -3,8 +3,7 @@ import time
 
 import pytest
 
-from tests.conftest import MASTER
-from tests.test_keys import wait_until
+from tests.conftest import MASTER, wait_until
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "one two three"}]}
 

@@ -22,7 +22,14 @@ from hypothesis import strategies as st
 from werkzeug.http import is_hop_by_hop_header
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
-from tests.conftest import MASTER, MASTER_KEY, UPSTREAM_KEY, build_app, gateway_environ, header
+from tests.conftest import (
+    MASTER,
+    MASTER_KEY,
+    UPSTREAM_KEY,
+    build_app,
+    gateway_environ,
+    header,
+)
 
 
 def fuzz(examples: int):

@@ -6,8 +6,14 @@ import subprocess
 import pytest
 import requests
 
-from tests.conftest import MASTER, TEST_PRICES, free_port, gateway_environ, open_raw_stream
-from tests.test_keys import wait_until
+from tests.conftest import (
+    MASTER,
+    TEST_PRICES,
+    free_port,
+    gateway_environ,
+    open_raw_stream,
+    wait_until,
+)
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "one two three"}]}
 

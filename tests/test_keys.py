@@ -1,11 +1,10 @@
 """The admin API for virtual keys (/key/*), on fakeredis and on the real Redis."""
 import hashlib
 import re
-import time
 
 import pytest
 
-from tests.conftest import MASTER
+from tests.conftest import MASTER, wait_until
 
 
 def gen(client, **fields):
@@ -126,16 +125,6 @@ def test_list_paginates_and_filters(kclient):
     assert one["total_count"] == 1
     for bad in ("page=0", "size=1000", "page=x", "return_full_object=maybe"):
         assert kclient.get("/key/list?" + bad, headers=MASTER).status_code == 400
-
-
-def wait_until(predicate, timeout=5.0):
-    """Poll a time-based condition (key expiry has no event to await)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_expired_keys_stop_working_and_are_not_listed(kclient, redis_client):

@@ -66,7 +66,7 @@ def test_revocation_reaches_every_worker_through_the_change_channel(vllm, start_
     """With a 60 s cache only the published change can make a worker refuse a blocked key."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tests.test_keys import wait_until
+    from tests.conftest import wait_until
 
     _, prefix = real_redis_prefix
     gw = start_gateway(gateway_environ(vllm.url, REDIS_URL=REAL_REDIS_URL, REDIS_KEY_PREFIX=prefix,

@@ -8,8 +8,14 @@ import time
 import pytest
 import requests
 
-from tests.conftest import MASTER, REAL_REDIS_URL, TEST_PRICES, gateway_environ, open_raw_stream
-from tests.test_keys import wait_until
+from tests.conftest import (
+    MASTER,
+    REAL_REDIS_URL,
+    TEST_PRICES,
+    gateway_environ,
+    open_raw_stream,
+    wait_until,
+)
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "one two three"}]}
 

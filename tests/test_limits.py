@@ -3,8 +3,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from tests.conftest import MASTER, REAL_REDIS_URL, TEST_PRICES, build_app, gateway_environ, open_raw_stream
-from tests.test_keys import wait_until
+from tests.conftest import (
+    MASTER,
+    REAL_REDIS_URL,
+    TEST_PRICES,
+    build_app,
+    gateway_environ,
+    open_raw_stream,
+    wait_until,
+)
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "one two three"}]}
 

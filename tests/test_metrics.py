@@ -79,7 +79,7 @@ def test_upstream_errors_by_replica(vllm, start_gateway):
 
 
 def test_streams_open_gauge(vllm, start_gateway):
-    from tests.test_keys import wait_until
+    from tests.conftest import wait_until
     gw = start_gateway(gateway_environ(vllm.url))
     with requests.post(gw.url + "/vllm/v1/chat/completions", stream=True, timeout=10,
                        headers={**MASTER, "x-fake-chunk-delay-ms": "100", "x-fake-chunks": "100"},

@@ -8,7 +8,14 @@ import json
 
 import requests
 
-from tests.conftest import MASTER, MASTER_KEY, REAL_REDIS_URL, UPSTREAM_KEY, free_port, gateway_environ
+from tests.conftest import (
+    MASTER,
+    MASTER_KEY,
+    REAL_REDIS_URL,
+    UPSTREAM_KEY,
+    free_port,
+    gateway_environ,
+)
 from tests.test_keys import all_redis_text
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}

@@ -6,8 +6,15 @@ import socket
 import pytest
 import requests
 
-from tests.test_keys import wait_until
-from tests.conftest import MASTER, MASTER_KEY, UPSTREAM_KEY, GatewayServer, gateway_environ, open_raw_stream
+from tests.conftest import (
+    MASTER,
+    MASTER_KEY,
+    UPSTREAM_KEY,
+    GatewayServer,
+    gateway_environ,
+    open_raw_stream,
+    wait_until,
+)
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "say five words"}], "stream": True}
 

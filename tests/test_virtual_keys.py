@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from app import create_app
-from tests.conftest import MASTER, gateway_environ, free_port
+from tests.conftest import MASTER, free_port, gateway_environ
 
 
 def make_key(client, **fields) -> dict:
