@@ -39,16 +39,10 @@ class KeyCache:
             self.entries.clear()  # crude but bounded; entries live under a second anyway
         self.entries[token] = (time.monotonic() + self.ttl, record, budget)
 
-    def evict(self, tokens, publish: bool = True) -> None:
-        """Drop tokens here and tell every other worker to drop them too."""
+    def evict(self, tokens) -> None:
+        """Drop tokens from this worker's cache (the key store publishes them for the others)."""
         for token in tokens:
             self.entries.pop(token, None)
-        if publish:
-            try:
-                for token in tokens:
-                    self.redis.publish(self.channel, token)
-            except Exception as exc:  # the TTL still bounds staleness; the change itself is saved
-                log.warning("key cache invalidation not published (%s)", type(exc).__name__)
 
     def listen_in_background(self) -> None:
         """On a gevent worker: evict what other workers publish (started once, after fork)."""

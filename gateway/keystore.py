@@ -11,6 +11,7 @@ Multi-key changes run in WATCH/MULTI transactions, so no concurrent admin call l
 from __future__ import annotations
 
 import json
+import logging
 import re
 import secrets
 import time
@@ -25,6 +26,7 @@ from gateway.keycache import KeyCache
 from gateway.rediskeys import RedisKeys
 from gateway.runtime import gevent_patched
 
+log = logging.getLogger("gateway")
 GONE_RETENTION_MS = 30 * 86400 * 1000
 _TOKEN = re.compile(r"[0-9a-f]{64}")
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
@@ -60,7 +62,7 @@ class KeyStore:
         # The cache is for gevent workers, where a listener greenlet hears other workers'
         # changes; elsewhere (tests, dev server) every request reads Redis.
         use_cache = (gevent_patched() if cache is None else cache) and cache_ttl > 0
-        self.cache = KeyCache(client, names.prefix + "key-changes", cache_ttl) if use_cache else None
+        self.cache = KeyCache(client, names.key_changes, cache_ttl) if use_cache else None
         self.index = names.key_index
         self.record_key = names.record
         self.alias_key = names.alias
@@ -145,13 +147,12 @@ class KeyStore:
         """After an admin write: no worker may keep serving the old record from its cache."""
         if self.cache is not None:
             self.cache.evict(tokens)
-        else:
-            # No local cache, but other processes (gevent workers) may have one.
-            try:
-                for token in tokens:
-                    self.redis.publish(self.names.prefix + "key-changes", token)
-            except REDIS_ERRORS:
-                pass
+        # Every other worker, of this instance or another, evicts what is published here.
+        try:
+            for token in tokens:
+                self.redis.publish(self.names.key_changes, token)
+        except REDIS_ERRORS:  # their cache TTL still bounds staleness; the change itself is saved
+            log.warning("key change not published; other workers see it within KEY_CACHE_TTL")
 
     def list(self, page: int, size: int, key_alias=None, user_id=None, team_id=None, full=False) -> dict:
         try:

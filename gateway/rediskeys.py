@@ -11,6 +11,7 @@ class RedisKeys:
         self.prefix = prefix
         self.key_index = prefix + "keys"
         self.spend_log = prefix + "spendlog"
+        self.key_changes = prefix + "key-changes"  # pub/sub channel: tokens whose record changed
 
     def record(self, token: str) -> str:
         return f"{self.prefix}key:{token}"
