@@ -75,15 +75,39 @@ class Upstream:
             raise GatewayError(502, f"vLLM failed to answer ({exc.kind})", kind=exc.kind.replace(" ", "_")) from None
 
     def probe(self, timeout: float = 2.0) -> tuple[bool, str]:
-        """GET {base}/health for readiness; returns (ok, detail)."""
+        """Readiness of this replica: (ok, detail naming the cause when not ok).
+
+        vLLM's `/health` needs no key, so it cannot tell a wrong upstream key; `/v1/models` is
+        behind `--api-key`, so it is probed too. A 404 on `/health` means the base URL is not
+        the server's root (a common slip: a base ending in `/v1`).
+        """
+        ok, detail = self._probe_get("/health", timeout)
+        if not ok:
+            return ok, detail
+        return self._probe_get("/v1/models", timeout)
+
+    def _probe_get(self, path: str, timeout: float) -> tuple[bool, str]:
         headers = {"Authorization": self.auth_header} if self.auth_header else {}
         try:
-            resp = self.session.get(self.base + "/health", headers=headers, timeout=timeout,
-                                    allow_redirects=False)
+            resp = self.session.get(self.base + path, headers=headers, timeout=timeout, allow_redirects=False)
             resp.close()
         except requests.exceptions.RequestException as exc:
             return False, _failure_kind(exc)
-        return resp.status_code < 500, f"HTTP {resp.status_code}"
+        return probe_verdict(self.base_path, path, resp.status_code, bool(self.auth_header))
+
+
+def probe_verdict(base_path: str, path: str, status: int, has_key: bool) -> tuple[bool, str]:
+    """(ok, detail) for one readiness answer from vLLM; the detail says what to fix."""
+    if status in (401, 403):
+        if has_key:
+            return False, f"vLLM refused the gateway's upstream key (HTTP {status} on {path}); check HOSTED_VLLM_API_KEY"
+        return False, f"vLLM requires a key (HTTP {status} on {path}); set HOSTED_VLLM_API_KEY"
+    if status == 404:
+        hint = " (it must be the server root, without /v1)" if base_path.rstrip("/").endswith("/v1") else ""
+        return False, f"HTTP 404 on {path}: HOSTED_VLLM_API_BASE does not point at a vLLM server root{hint}"
+    if status >= 300:
+        return False, f"HTTP {status} on {path}"
+    return True, f"HTTP {status}"
 
 
 def _failure_kind(exc: BaseException) -> str:
