@@ -11,9 +11,17 @@ from urllib.parse import unquote
 
 from gateway.errors import GatewayError
 
-# vLLM's inference and read-only routes (reference.md §2).
-DEFAULT_ALLOWED = ("/v1/", "/v2/", "/tokenize", "/detokenize", "/pooling", "/classify", "/score",
-                   "/rerank", "/invocations", "/health", "/ping", "/version", "/load", "/metrics")
+# What a virtual key may call, the rule written down (README, "What a virtual key may call"):
+#   1. every route under a prefix that vLLM's own `--api-key` guards (`/v1/`, `/v2/`,
+#      `/inference/`): vLLM itself treats these as its client API;
+#   2. vLLM's inference routes outside those prefixes, named one by one;
+#   3. its read-only status routes.
+# Anything else is refused until it is added here deliberately: a new vLLM route is more often
+# an operator tool than an inference endpoint. Checked against vLLM 0.32 (reference.md §2, §6).
+DEFAULT_ALLOWED = ("/v1/", "/v2/", "/inference/",
+                   "/tokenize", "/detokenize", "/pooling", "/classify", "/score", "/rerank",
+                   "/invocations", "/generative_scoring",
+                   "/health", "/ping", "/version", "/load", "/metrics")
 # Operator routes: never for a virtual key, even inside /v1 or when allowed_routes names them.
 OPERATOR_ROUTES = ("/sleep", "/wake_up", "/is_sleeping", "/collective_rpc", "/reset_", "/server_info",
                    "/start_profile", "/stop_profile", "/pause", "/resume", "/is_paused",

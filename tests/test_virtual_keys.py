@@ -31,8 +31,17 @@ def test_virtual_key_calls_inference_routes(kclient, vllm):
     assert kclient.post("/vllm/tokenize", headers=auth, json={"model": "fake-model", "prompt": "a b"}).status_code == 200
 
 
+@pytest.mark.parametrize("path", ["/vllm/generative_scoring", "/vllm/inference/v1/generate"])
+def test_current_inference_routes_reach_vllm(kclient, vllm, path):
+    """vLLM 0.32's newer inference routes are admitted (rule in gateway/policy.py)."""
+    auth = make_key(kclient)
+    resp = kclient.post(path, headers=auth, json={"model": "fake-model"})
+    assert resp.status_code != 403, resp.get_data()
+    assert vllm.last()["path"] == path[len("/vllm"):]
+
+
 @pytest.mark.parametrize("path", [
-    "/vllm/sleep", "/vllm/wake_up", "/vllm/collective_rpc", "/vllm/reset_prefix_cache", "/vllm/server_info",
+    "/vllm/inference", "/vllm/generative_scoringx", "/vllm/sleep", "/vllm/wake_up", "/vllm/collective_rpc", "/vllm/reset_prefix_cache", "/vllm/server_info",
     "/vllm/start_profile", "/vllm/pause", "/vllm/resume", "/vllm/update_weights", "/vllm/v1/load_lora_adapter",
     "/vllm/v1/unload_lora_adapter", "/vllm/is_sleeping", "/vllm/fault_tolerance/x", "/vllm//sleep",
     "/vllm/SLEEP", "/vllm/v1/load%5Flora_adapter", "/vllm/%73leep", "/vllm/echo/x", "/vllm/", "/vllm",
