@@ -2,7 +2,8 @@
 
 Non-stream JSON: the `usage` object. SSE: the last non-null `usage` (sent when the request
 asked for `stream_options.include_usage`, or in the Responses API's `response.completed`);
-without one, content-bearing events are counted and the result is marked `estimated`.
+without one, every event carrying output is counted as one token and the result is marked
+`estimated` (vLLM may merge several tokens into one event, so this can only under-count).
 """
 from __future__ import annotations
 
@@ -15,7 +16,15 @@ _TAIL = 64 * 1024
 _MAX_EVENT = 1024 * 1024         # an SSE event larger than this is skipped, not buffered forever
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
 _USAGE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})')
-_CONTENT = re.compile(rb'"(?:content|text|delta)"\s*:\s*"(?!")')
+# An event that carries generated output: a non-empty `choices` array (chat, completions), or a
+# Responses API text delta. Every such event counts, visible text or not: vLLM sends a token
+# that ends inside a UTF-8 character as an event with empty text.
+_CHOICE = re.compile(rb'"choices"\s*:\s*\[\s*\{|"type"\s*:\s*"response\.output_text\.delta"')
+# Choice events that carry no token: the first chat event, which only announces the role
+# ({"role": "assistant", "content": ""}), and a closing event with an empty delta.
+_NO_TOKEN = re.compile(rb'"delta"\s*:\s*\{\s*(?:\}|"role"\s*:\s*"[a-z]+"\s*(?:,\s*"content"\s*:\s*""\s*)?\})')
+# Chat templates wrap each message in a few tokens (ChatML: <|im_start|>role\n ... <|im_end|>\n).
+_TOKENS_PER_MESSAGE = 4
 
 
 class Usage:
@@ -82,12 +91,17 @@ def estimate_prompt_tokens(fields: dict | None) -> int:
         chars += len(prompt)
     elif isinstance(prompt, list):
         chars += sum(len(p) for p in prompt if isinstance(p, str))
-    for message in fields.get("messages") or []:
+    messages = fields.get("messages")
+    if not isinstance(messages, list):
+        messages = []
+    for message in messages:
+        chars += 4 * _TOKENS_PER_MESSAGE
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, str):
             chars += len(content)
         elif isinstance(content, list):
-            chars += sum(len(part.get("text", "")) for part in content if isinstance(part, dict))
+            chars += sum(len(part["text"]) for part in content
+                         if isinstance(part, dict) and isinstance(part.get("text"), str))
     return (chars + 3) // 4
 
 
@@ -140,7 +154,7 @@ class UsageTap:
                     tokens = None
                 if tokens is not None:
                     self.usage = tokens
-        if _CONTENT.search(event):
+        if _CHOICE.search(event) and not _NO_TOKEN.search(event):
             self.events += 1
 
     def result(self, request_fields: dict | None) -> Usage:

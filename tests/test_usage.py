@@ -49,7 +49,7 @@ def test_sse_without_usage_is_estimated():
     usage = tap.result({"model": "asked", "messages": [{"role": "user", "content": "x" * 40}]})
     assert usage.estimated is True
     assert usage.completion_tokens == 3      # the empty role chunk carries no content
-    assert usage.prompt_tokens == 10         # 40 characters / 4
+    assert usage.prompt_tokens == 14         # (40 characters + 16 for the chat template) / 4
     assert usage.model == "m1"
 
 
