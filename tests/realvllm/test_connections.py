@@ -1,0 +1,63 @@
+"""Connections between caller, gateway and a real vLLM: hang-ups abort vLLM's work, and idle
+keep-alive connections that vLLM's uvicorn drops after 5 s never cost a caller a 502."""
+import json
+import socket
+import time
+
+import requests
+
+from tests.conftest import MASTER_KEY, wait_until
+from tests.realvllm.conftest import MODEL, rid
+
+# Long enough that vLLM, left alone, would still be generating well after the 1 s allowed.
+MAX_TOKENS = 1500
+
+
+def open_stream(port: int, body: dict, request_id: str) -> socket.socket:
+    raw = json.dumps(body).encode()
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(b"POST /vllm/v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+              + f"Authorization: Bearer {MASTER_KEY}\r\nX-Request-Id: {request_id}\r\n".encode()
+              + f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n".encode() + raw)
+    return s
+
+
+def test_client_disconnect_mid_stream_stops_vllm(real_gateway, real_vllm):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "go on"}], "stream": True,
+            "max_tokens": MAX_TOKENS, "ignore_eos": True}
+    request_id = rid()
+    s = open_stream(real_gateway.port, body, request_id)
+    received = b""
+    while received.count(b"data: ") < 5:
+        received += s.recv(65536)
+    assert real_vllm.metric("vllm:num_requests_running") == 1
+    s.close()
+    hung_up = time.monotonic()
+    real_vllm.wait_aborted(request_id, timeout=1.0)
+    assert wait_until(lambda: real_vllm.metric("vllm:num_requests_running") == 0,
+                      timeout=1.0 - (time.monotonic() - hung_up))
+
+
+def test_client_gone_before_the_first_token_aborts_vllm(real_gateway, real_vllm):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "word " * 1000}], "stream": True,
+            "max_tokens": MAX_TOKENS, "ignore_eos": True}
+    request_id = rid()
+    s = open_stream(real_gateway.port, body, request_id)
+    s.close()  # before any byte of the answer
+    real_vllm.wait_aborted(request_id, timeout=1.0)
+    assert wait_until(lambda: real_vllm.metric("vllm:num_requests_running") == 0, timeout=1.0)
+
+
+def test_keep_alive_across_uvicorns_idle_drop(real_gateway, calls):
+    """Requests 4.5-6 s apart for a minute: uvicorn closes idle connections at 5 s."""
+    key = calls.new_key()
+    session = requests.Session()
+    gaps = [4.5, 5.0, 5.5, 6.0, 4.8, 5.2, 4.9, 5.8, 5.1, 4.6, 5.4]  # 56.8 s in all
+    statuses = []
+    for gap in [0.0, *gaps]:
+        time.sleep(gap)  # the load shape under test, not a wait for something
+        resp = session.post(real_gateway.url + "/vllm/v1/chat/completions", timeout=30,
+                            headers={"Authorization": f"Bearer {key}"},
+                            json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        statuses.append(resp.status_code)
+    assert statuses == [200] * len(statuses)
