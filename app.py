@@ -6,21 +6,21 @@ import logging
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from gateway import accesslog
-from gateway.accesslog import RequestRecord
-from gateway.accounting import Accounting
-from gateway.auth import Authenticator
-from gateway.config import Settings, load_settings
-from gateway.errors import GatewayError, error_body
-from gateway.forwarding import request_id_for
-from gateway.keystore import KeyStore
-from gateway.metrics import Metrics
-from gateway.limits import RateLimiter
-from gateway.rediskeys import RedisKeys
-from gateway.proxy import PassThrough
-from gateway.redisconn import make_redis
-from gateway.replicas import Replicas
-from gateway.upstream import Upstream
+from gateway.core import accesslog
+from gateway.core.accesslog import RequestRecord
+from gateway.usage.accounting import Accounting
+from gateway.keys.auth import Authenticator
+from gateway.core.config import Settings, load_settings
+from gateway.core.errors import GatewayError, error_body
+from gateway.relay.target import request_id_for
+from gateway.keys.store import KeyStore
+from gateway.core.metrics import Metrics
+from gateway.usage.limits import RateLimiter
+from gateway.core.redisnames import RedisNames
+from gateway.relay.exchange import PassThrough
+from gateway.core.redisconn import make_redis
+from gateway.relay.replicas import Replicas
+from gateway.relay.upstream import Upstream
 
 log = logging.getLogger("gateway")
 
@@ -54,7 +54,7 @@ def create_app(config=None) -> Flask:
 
 def _build_services(app: Flask, settings: Settings, redis_client) -> None:
     """The per-worker clients and services, kept in app.extensions."""
-    names = RedisKeys(settings.redis_prefix)
+    names = RedisNames(settings.redis_prefix)
     metrics = Metrics()
     upstreams = [Upstream(base, api_key=settings.upstream_key, connect_timeout=settings.connect_timeout,
                           read_timeout=settings.read_timeout, pool_size=settings.upstream_pool_size,

@@ -9,7 +9,7 @@ import shutil
 import sys
 import tempfile
 
-from gateway.config import ConfigError, load_settings, redis_url_from
+from gateway.core.config import ConfigError, load_settings, redis_url_from
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '4000')}"
 worker_class = "gevent"

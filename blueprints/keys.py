@@ -5,10 +5,10 @@ import json
 
 from flask import Blueprint, current_app, jsonify, request
 
-from gateway.durations import parse_duration
-from gateway.errors import GatewayError
-from gateway.keystore import REDIS_ERRORS, unavailable
-from gateway.keyfields import KEY_FIELDS, encodable, reject_unknown, require_object, validate_fields
+from gateway.core.durations import parse_duration
+from gateway.core.errors import GatewayError
+from gateway.core.redisconn import REDIS_ERRORS, unavailable
+from gateway.keys.fields import KEY_FIELDS, encodable, reject_unknown, require_object, validate_fields
 
 bp = Blueprint("keys", __name__, url_prefix="/key")
 

@@ -5,8 +5,9 @@ from datetime import datetime, timezone
 
 from flask import Blueprint, current_app, jsonify, request
 
-from gateway.errors import GatewayError
-from gateway.keystore import REDIS_ERRORS, KeyStore, unavailable
+from gateway.core.errors import GatewayError
+from gateway.core.redisconn import REDIS_ERRORS, unavailable
+from gateway.keys.store import KeyStore
 
 bp = Blueprint("spend", __name__)
 

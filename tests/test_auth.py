@@ -1,7 +1,7 @@
 """Master-key auth on /vllm: the four credential headers, the envelope, constant time."""
 import pytest
 
-from gateway import auth
+from gateway.keys import auth
 from tests.conftest import MASTER_KEY, header
 
 

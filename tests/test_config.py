@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from gateway.config import ConfigError, load_settings
+from gateway.core.config import ConfigError, load_settings
 from tests.conftest import MASTER_KEY, ROOT
 
 BASE = {"HOSTED_VLLM_API_BASE": "http://vllm:8000", "LITELLM_MASTER_KEY": MASTER_KEY}

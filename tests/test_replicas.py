@@ -3,8 +3,8 @@
 import pytest
 import requests
 
-from gateway.errors import GatewayError
-from gateway.replicas import Replicas, sticky_id
+from gateway.core.errors import GatewayError
+from gateway.relay.replicas import Replicas, sticky_id
 from tests.conftest import (
     MASTER,
     UPSTREAM_KEY,
@@ -193,7 +193,7 @@ def test_responses_follow_ups_stick_to_the_creating_replica(two, start_gateway, 
 def test_a_broken_short_body_releases_the_replica_and_is_logged(two, start_gateway):
     """vLLM announces a Content-Length and dies before sending it all: 502, and the replica's
     in-flight count drops back (a leak would steer every later request to the other one)."""
-    from gateway.replicas import Replicas
+    from gateway.relay.replicas import Replicas
 
     class BrokenBody:
         base, base_path = "broken", ""

@@ -2,7 +2,7 @@
 import gzip
 import json
 
-from gateway.usage import UsageTap
+from gateway.usage.tap import UsageTap
 
 CHUNK = {"id": "c", "object": "chat.completion.chunk", "model": "m1",
          "choices": [{"index": 0, "delta": {"content": "hi "}, "finish_reason": None}]}

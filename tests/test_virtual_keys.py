@@ -33,7 +33,7 @@ def test_virtual_key_calls_inference_routes(kclient, vllm):
 
 @pytest.mark.parametrize("path", ["/vllm/generative_scoring", "/vllm/inference/v1/generate"])
 def test_current_inference_routes_reach_vllm(kclient, vllm, path):
-    """vLLM 0.32's newer inference routes are admitted (rule in gateway/policy.py)."""
+    """vLLM 0.32's newer inference routes are admitted (rule in gateway/keys/policy.py)."""
     auth = make_key(kclient)
     resp = kclient.post(path, headers=auth, json={"model": "fake-model"})
     assert resp.status_code != 403, resp.get_data()

@@ -10,16 +10,16 @@ import logging
 import time
 from http import HTTPStatus
 
-from gateway import policy
-from gateway.accesslog import RequestRecord
-from gateway.accounting import current_budget_spend
-from gateway.errors import GatewayError, error_body
-from gateway.metrics import route_group
-from gateway.keyfields import encodable
-from gateway.forwarding import forward_headers, read_body, request_id_for, vllm_target
-from gateway.replicas import creates_response, response_id_in, sticky_id
-from gateway.upstream import RelayBody, read_small_body, response_headers
-from gateway.usage import Usage, UsageTap, clean_label
+from gateway.keys import policy
+from gateway.core.accesslog import RequestRecord
+from gateway.usage.accounting import current_budget_spend
+from gateway.core.errors import GatewayError, error_body
+from gateway.core.metrics import route_group
+from gateway.keys.fields import encodable
+from gateway.relay.target import forward_headers, read_body, request_id_for, vllm_target
+from gateway.relay.replicas import creates_response, response_id_in, sticky_id
+from gateway.relay.upstream import RelayBody, read_small_body, response_headers
+from gateway.usage.tap import Usage, UsageTap, clean_label
 
 log = logging.getLogger("gateway")
 MAX_END_USER = 256

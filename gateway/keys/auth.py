@@ -5,7 +5,7 @@ import dataclasses
 import hashlib
 import hmac
 
-from gateway.errors import GatewayError
+from gateway.core.errors import GatewayError
 
 
 @dataclasses.dataclass

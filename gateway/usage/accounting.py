@@ -17,12 +17,12 @@ import collections
 import json
 import logging
 import time
-from datetime import datetime, timezone
 
-from gateway.durations import parse_duration
-from gateway.keystore import REDIS_ERRORS, iso
-from gateway.runtime import gevent_patched
-from gateway.prices import cost
+from gateway.core.durations import parse_duration
+from gateway.core.redisconn import REDIS_ERRORS
+from gateway.core.timefmt import iso
+from gateway.core.runtime import gevent_patched
+from gateway.usage.prices import cost
 
 log = logging.getLogger("gateway")
 
@@ -224,5 +224,5 @@ def _log_entry(entry_id: str, fields: dict) -> dict:
     out = {"id": entry_id, **fields}
     for name in ("start_time", "end_time"):
         if out.get(name) is not None:
-            out[name + "_iso"] = datetime.fromtimestamp(out[name], timezone.utc).isoformat(timespec="milliseconds")
+            out[name + "_iso"] = iso(out[name], "milliseconds")
     return out

@@ -15,27 +15,21 @@ import logging
 import re
 import secrets
 import time
-from datetime import datetime, timezone
 
 import redis
 
-from gateway.auth import Identity, hash_key
-from gateway.durations import parse_duration
-from gateway.errors import GatewayError
-from gateway.keycache import KeyCache
-from gateway.rediskeys import RedisKeys
-from gateway.runtime import gevent_patched
+from gateway.keys.auth import Identity, hash_key
+from gateway.core.durations import parse_duration
+from gateway.core.errors import GatewayError
+from gateway.core.redisconn import REDIS_ERRORS, unavailable
+from gateway.core.timefmt import iso
+from gateway.keys.cache import KeyCache
+from gateway.core.redisnames import RedisNames
+from gateway.core.runtime import gevent_patched
 
 log = logging.getLogger("gateway")
 GONE_RETENTION_MS = 30 * 86400 * 1000
 _TOKEN = re.compile(r"[0-9a-f]{64}")
-REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
-
-
-def iso(epoch: float | None) -> str | None:
-    if epoch is None:
-        return None
-    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def key_name(key: str) -> str:
@@ -47,15 +41,10 @@ def new_key() -> str:
     return "sk-" + secrets.token_urlsafe(32)
 
 
-def unavailable() -> GatewayError:
-    return GatewayError(503, "the key store (Redis) is unavailable, so virtual keys cannot be "
-                             "checked right now; retry shortly", "service_unavailable", kind="keystore_unavailable")
-
-
 class KeyStore:
     """CRUD and authentication for virtual keys."""
 
-    def __init__(self, client: redis.Redis, names: RedisKeys, cache_ttl: float = 0.9,
+    def __init__(self, client: redis.Redis, names: RedisNames, cache_ttl: float = 0.9,
                  cache: bool | None = None):
         self.redis = client
         self.names = names

@@ -9,7 +9,7 @@ import json
 import re
 from urllib.parse import unquote
 
-from gateway.errors import GatewayError
+from gateway.core.errors import GatewayError
 
 # What a virtual key may call, the rule written down (README, "What a virtual key may call"):
 #   1. every route under a prefix that vLLM's own `--api-key` guards (`/v1/`, `/v2/`,

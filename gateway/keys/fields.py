@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import math
 
-from gateway.durations import parse_duration
-from gateway.errors import GatewayError
+from gateway.core.durations import parse_duration
+from gateway.core.errors import GatewayError
 
 MAX_TEXT = 256
 MAX_LIST = 1000

@@ -144,7 +144,7 @@ def redis_url_from(environ) -> str | None:
 
 
 def load_settings(environ=None, **overrides) -> Settings:
-    from gateway.prices import load_prices  # prices imports ConfigError from here
+    from gateway.usage.prices import load_prices  # prices imports ConfigError from here
 
     """Build Settings from the environment (os.environ by default), then apply overrides."""
     env = os.environ if environ is None else environ

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 
-from gateway.config import ConfigError
+from gateway.core.config import ConfigError
 
 _PER_TOKEN = ("input_cost_per_token", "output_cost_per_token")
 _PER_MILLION = ("input_cost_per_million", "output_cost_per_million")

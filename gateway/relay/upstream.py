@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 import requests
 from werkzeug.http import is_hop_by_hop_header
 
-from gateway.disconnect import watch
-from gateway.errors import GatewayError
+from gateway.relay.disconnect import watch
+from gateway.core.errors import GatewayError
 from gateway.httpclient import ConnectionPool, UpstreamError, UpstreamTimeout
 
 # A non-stream body up to this size is read whole, so the reply goes out in one write.

@@ -12,8 +12,8 @@ import math
 import secrets
 import time
 
-from gateway.errors import GatewayError
-from gateway.keystore import REDIS_ERRORS, unavailable
+from gateway.core.errors import GatewayError
+from gateway.core.redisconn import REDIS_ERRORS, unavailable
 
 # One atomic check-and-take for all three limits; nothing is taken unless everything passes.
 _ACQUIRE = """

@@ -6,7 +6,7 @@ virtual key stays in one Redis Cluster slot.
 from __future__ import annotations
 
 
-class RedisKeys:
+class RedisNames:
     def __init__(self, prefix: str = "vgw:"):
         self.prefix = prefix
         self.key_index = prefix + "keys"

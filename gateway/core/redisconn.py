@@ -1,4 +1,5 @@
-"""The Redis client: a blocking pool sized for gevent, or an embedded fakeredis when none is set."""
+"""The Redis client (a blocking pool sized for gevent, or an embedded fakeredis when none is set)
+and the error policy: which exceptions mean "Redis is unavailable", and what callers hear then."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +10,18 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from gateway.core.errors import GatewayError
+
 log = logging.getLogger("gateway")
+
+# What an unreachable or overloaded Redis raises; anything else is a bug, not an outage.
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+def unavailable() -> GatewayError:
+    """The 503 for a request that needs Redis while it is unreachable (fail closed)."""
+    return GatewayError(503, "the key store (Redis) is unavailable, so virtual keys cannot be "
+                             "checked right now; retry shortly", "service_unavailable", kind="keystore_unavailable")
 
 
 def make_redis(settings) -> redis.Redis:

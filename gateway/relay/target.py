@@ -10,7 +10,7 @@ from urllib.parse import unquote
 
 from werkzeug.http import is_hop_by_hop_header
 
-from gateway.errors import GatewayError
+from gateway.core.errors import GatewayError
 
 PREFIX = "/vllm"
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from datetime import datetime, timezone
+
+from gateway.core.timefmt import iso
 
 _state = {"enabled": True, "fd": 1}
 
@@ -54,7 +55,7 @@ class RequestRecord:
     def as_dict(self, end: float | None = None) -> dict:
         end = time.monotonic() if end is None else end
         line = {
-            "time": datetime.fromtimestamp(self.wall, timezone.utc).isoformat(timespec="milliseconds"),
+            "time": iso(self.wall, "milliseconds"),
             "request_id": self.request_id,
             "method": self.method,
             "path": self.path,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 
-from gateway.runtime import gevent_patched
+from gateway.core.runtime import gevent_patched
 
 
 def watch(client_socket, on_gone):

@@ -21,8 +21,8 @@ import logging
 import re
 import time
 
-from gateway.errors import GatewayError
-from gateway.keystore import REDIS_ERRORS
+from gateway.core.errors import GatewayError
+from gateway.core.redisconn import REDIS_ERRORS
 
 log = logging.getLogger("gateway")
 
