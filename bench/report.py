@@ -6,9 +6,10 @@ import statistics
 import sys
 
 TARGET_NAMES = {"direct": "direct to fake vLLM", "gateway_master": "gateway, master key",
-                "gateway_virtual": "gateway, virtual key", "null": "null app"}
+                "gateway_virtual": "gateway, virtual key", "null": "null app",
+                "minimal_proxy": "minimal proxy (Flask + requests)"}
 CPU_COLUMNS = ("fake_vllm", "gateway_master", "gateway_worker", "null_master", "null_worker",
-               "redis_server", "loadgen")
+               "minimal_proxy_master", "minimal_proxy_worker", "redis_server", "loadgen")
 
 
 def median(values):
@@ -79,9 +80,13 @@ def summarise(scenario: str, rounds: list[dict]) -> dict:
             "gateway_over_direct_rps": median(_ratio(r, "gateway_master", "direct") for r in rounds),
             "gateway_over_null_rps": median(_ratio(r, "gateway_master", "null") for r in rounds),
             "virtual_over_master_rps": median(_ratio(r, "gateway_virtual", "gateway_master") for r in rounds),
+            "gateway_over_minimal_proxy_rps": median(_ratio(r, "gateway_master", "minimal_proxy") for r in rounds),
+            "virtual_over_minimal_proxy_rps": median(_ratio(r, "gateway_virtual", "minimal_proxy") for r in rounds),
         }
     elif scenario == "latency_c1":
         summary["added_p50_ms"] = median(r["gateway_master"]["p50_ms"] - r["direct"]["p50_ms"] for r in rounds)
+        summary["minimal_proxy_added_p50_ms"] = median(
+            r["minimal_proxy"]["p50_ms"] - r["direct"]["p50_ms"] for r in rounds if "minimal_proxy" in r)
     elif scenario == "streams_1000":
         rss = [r["gateway_master"]["rss_max_kb"]["gateway"] / 1024 for r in rounds]
         summary["gateway_rss_max_mb"] = round(max(rss), 1)
@@ -110,19 +115,24 @@ def _nonstream(s: dict, cfg: dict) -> list[str]:
              v["errors"], _f(v["loadgen_cpu_frac"], 2), " / ".join(_f(x, 0) for x in v["rps_rounds"])]
             for t, v in s["targets"].items()]
     r = s["ratios"]
+    floor = [["gateway (master) / minimal proxy req/s", _f(r.get("gateway_over_minimal_proxy_rps"), 3)],
+             ["gateway (virtual) / minimal proxy req/s", _f(r.get("virtual_over_minimal_proxy_rps"), 3)]]
     return ([f"## nonstream_c32: 32 connections, non-stream chat completions, {cfg['duration_s']:g} s each", ""]
             + _table(["target", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "loadgen CPU (cores)",
                       "req/s per round"], rows)
             + _table(["ratio (median of per-round ratios)", "value"], [
                 ["gateway (master) / direct req/s", _f(r["gateway_over_direct_rps"], 3)],
                 ["gateway (master) / null app req/s", _f(r["gateway_over_null_rps"], 3)],
-                ["gateway virtual key / master key req/s", _f(r["virtual_over_master_rps"], 3)]]))
+                ["gateway virtual key / master key req/s", _f(r["virtual_over_master_rps"], 3)]]
+                + (floor if "minimal_proxy" in s["targets"] else [])))
 
 
 def _latency(s: dict, cfg: dict) -> list[str]:
     rows = [[TARGET_NAMES[t], _f(v["p50_ms"], 3), _f(v["p90_ms"], 3), _f(v["p99_ms"], 3), _f(v["rps"], 0), v["errors"]]
             for t, v in s["targets"].items()]
     rows.append(["**added by the gateway (p50)**", f"**{_f(s['added_p50_ms'], 3)}**", "", "", "", ""])
+    if "minimal_proxy" in s["targets"]:
+        rows.append(["added by the minimal proxy (p50)", _f(s.get("minimal_proxy_added_p50_ms"), 3), "", "", "", ""])
     return ([f"## latency_c1: one connection, requests back to back, {cfg['duration_s']:g} s each", ""]
             + _table(["target", "p50 ms", "p90 ms", "p99 ms", "req/s", "errors"], rows))
 

@@ -1,10 +1,10 @@
-"""Benchmark the gateway against the fake vLLM directly and a null app, in interleaved rounds.
+"""Benchmark the gateway against the fake vLLM, a null app and a minimal proxy, in interleaved rounds.
 
-    .venv/bin/python -m bench.run            # full run (~5 min), writes bench/results/latest.{json,md}
+    .venv/bin/python -m bench.run            # full run (~6 min), writes bench/results/latest.{json,md}
     .venv/bin/python -m bench.run --quick    # smoke run (< 1 min), writes bench/results/quick.{json,md}
 
-Every process (load generator, gateway, fake vLLM, null app, Redis) shares this machine's
-cores; each measurement records how many CPU seconds each of them used. See bench/README.md.
+Every process (load generator, gateway, fake vLLM, null app, minimal proxy, Redis) shares this
+machine's cores; each measurement records how many CPU seconds each of them used. See bench/README.md.
 """
 from __future__ import annotations
 
@@ -94,6 +94,11 @@ class Bench:
                      "--no-control-socket", "bench.nullapp:app"],
             dict(os.environ), self.logdir, "/")
         self.servers.append(self.null)
+        self.minimal = procs.start_gunicorn(
+            "minimal_proxy", ["-c", "bench/gunicorn_null.conf.py", "-k", "gevent", "-w", "1",
+                              "--no-control-socket", "bench.minimalproxy:app"],
+            self.minimal_proxy_env(), self.logdir, "/vllm/health")
+        self.servers.append(self.minimal)
         self.virtual_key = self.generate_key()
         self.redis_pids = procs.find_by_comm("redis-server") if self.redis_url else []
 
@@ -113,6 +118,11 @@ class Bench:
         env["WEB_CONCURRENCY"] = "1"  # the comparison is one worker against one worker
         return env
 
+    def minimal_proxy_env(self) -> dict:
+        env = {k: v for k, v in os.environ.items() if k not in GATEWAY_VARS}
+        env.update(HOSTED_VLLM_API_BASE=self.fake.url, HOSTED_VLLM_API_KEY=self.upstream_key)
+        return env
+
     def generate_key(self) -> str:
         status, body = procs.http_request(
             self.gateway.port, "POST", "/key/generate", b"{}",
@@ -128,6 +138,8 @@ class Bench:
             "gateway_master": (self.gateway.url + "/vllm" + CHAT, {"Authorization": f"Bearer {self.master_key}"}),
             "gateway_virtual": (self.gateway.url + "/vllm" + CHAT, {"Authorization": f"Bearer {self.virtual_key}"}),
             "null": (self.null.url + CHAT, {}),
+            # The same request as gateway_master's; the minimal proxy replaces the key with its own.
+            "minimal_proxy": (self.minimal.url + "/vllm" + CHAT, {"Authorization": f"Bearer {self.master_key}"}),
         }
 
     def preflight(self) -> None:
@@ -216,12 +228,14 @@ class Bench:
         """One round of one scenario: every target once, direct and gateway alternating."""
         a = self.args
         if scenario == "nonstream_c32":
-            order = ("direct", "gateway_master", "null", "gateway_virtual")
+            order = ("direct", "gateway_master", "null", "gateway_virtual", "minimal_proxy")
             return {t: self.measure("rps", t, concurrency=32) for t in order}
         if scenario == "latency_c1":
-            return {t: self.measure("rps", t, concurrency=1) for t in ("direct", "gateway_master")}
+            order = ("direct", "gateway_master", "minimal_proxy")
+            return {t: self.measure("rps", t, concurrency=1) for t in order}
         if scenario == "streams_500":
-            return {t: self.measure("streams", t, streams=a.streams) for t in ("direct", "gateway_master")}
+            order = ("direct", "gateway_master", "minimal_proxy")
+            return {t: self.measure("streams", t, streams=a.streams) for t in order}
         if scenario == "streams_1000":
             return {"gateway_master": self.measure("streams", "gateway_master", streams=a.many_streams)}
         raise ValueError(scenario)

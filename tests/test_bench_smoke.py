@@ -16,9 +16,11 @@ def test_quick_bench_writes_results(tmp_path):
     results = json.loads(out.read_text())
     assert out.with_suffix(".md").exists()
     assert set(results["scenarios"]) == SCENARIOS
-    for target in ("direct", "gateway_master", "gateway_virtual", "null"):
+    for target in ("direct", "gateway_master", "gateway_virtual", "null", "minimal_proxy"):
         assert results["scenarios"]["nonstream_c32"]["summary"]["targets"][target]["rps"] > 0
-    for target in ("direct", "gateway_master"):
+    ratios = results["scenarios"]["nonstream_c32"]["summary"]["ratios"]
+    assert ratios["gateway_over_minimal_proxy_rps"] > 0 and ratios["virtual_over_minimal_proxy_rps"] > 0
+    for target in ("direct", "gateway_master", "minimal_proxy"):
         assert results["scenarios"]["latency_c1"]["summary"]["targets"][target]["rps"] > 0
         assert results["scenarios"]["streams_500"]["summary"]["targets"][target]["completed_min"] > 0
     assert results["scenarios"]["streams_1000"]["summary"]["targets"]["gateway_master"]["completed_min"] > 0
