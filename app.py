@@ -7,20 +7,21 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from gateway.core import accesslog
-from gateway.core.accesslog import RequestRecord
-from gateway.usage.accounting import Accounting
-from gateway.keys.auth import Authenticator
+from gateway.core.accesslog import RequestRecord, request_id_for
 from gateway.core.config import Settings, load_settings
 from gateway.core.errors import GatewayError, error_body
-from gateway.relay.target import request_id_for
-from gateway.keys.store import KeyStore
 from gateway.core.metrics import Metrics
-from gateway.usage.limits import RateLimiter
-from gateway.core.redisnames import RedisNames
-from gateway.relay.exchange import PassThrough
 from gateway.core.redisconn import make_redis
+from gateway.core.redisnames import RedisNames
+from gateway.keys.auth import Authenticator
+from gateway.keys.store import KeyStore
+from gateway.relay.exchange import Passthrough
 from gateway.relay.replicas import Replicas
+from gateway.relay.transport import build_session
 from gateway.relay.upstream import Upstream
+from gateway.services import Services
+from gateway.usage.accounting import Accounting
+from gateway.usage.limits import RateLimiter
 
 log = logging.getLogger("gateway")
 
@@ -29,11 +30,12 @@ def create_app(config=None) -> Flask:
     """Build the gateway.
 
     `config` may hold a ready `settings` (Settings), an `environ` mapping to read instead of
-    os.environ, a ready `redis` client, and Settings field overrides; tests use it to inject
-    clients and values.
+    os.environ, a ready `redis` client, a ready `session` (requests.Session to vLLM), and
+    Settings field overrides; tests use it to inject clients and values.
     """
     config = dict(config or {})
     redis_client = config.pop("redis", None)
+    session = config.pop("session", None)
     settings = config.pop("settings", None)
     if settings is None:
         settings = load_settings(config.pop("environ", None), **config)
@@ -41,24 +43,27 @@ def create_app(config=None) -> Flask:
         raise TypeError("config['settings'] must be a gateway.config.Settings")
 
     app = Flask(__name__, static_folder=None)
-    app.config["GATEWAY_SETTINGS"] = settings
     # Admin and other Flask routes take small JSON bodies; /vllm has its own limit.
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
     accesslog.configure(settings.access_log)
-    _build_services(app, settings, make_redis(settings) if redis_client is None else redis_client)
+    redis_client = make_redis(settings) if redis_client is None else redis_client
+    app.extensions["gateway"] = build_services(settings, redis_client, session)
     _register_blueprints(app)
     _install_request_record(app)
     _install_error_handlers(app)
     return app
 
 
-def _build_services(app: Flask, settings: Settings, redis_client) -> None:
-    """The per-worker clients and services, kept in app.extensions."""
+def build_services(settings: Settings, redis_client, session=None) -> Services:
+    """The per-worker clients and services (built after fork: gunicorn never preloads)."""
+    if session is None:
+        session = build_session(pool_size=settings.upstream_pool_size, max_idle=settings.upstream_max_idle,
+                                replicas=len(settings.upstream_bases), trust_env=settings.upstream_trust_env,
+                                ca_bundle=settings.upstream_ca_bundle)
     names = RedisNames(settings.redis_prefix)
     metrics = Metrics()
-    upstreams = [Upstream(base, api_key=settings.upstream_key, connect_timeout=settings.connect_timeout,
-                          read_timeout=settings.read_timeout, pool_size=settings.upstream_pool_size,
-                          ca_bundle=settings.upstream_ca_bundle, max_idle=settings.upstream_max_idle)
+    upstreams = [Upstream(base, session, api_key=settings.upstream_key, connect_timeout=settings.connect_timeout,
+                          read_timeout=settings.read_timeout, head_timeout=settings.head_timeout)
                  for base in settings.upstream_bases]
     replicas = Replicas(upstreams, cooloff=settings.upstream_cooloff, redis=redis_client, names=names,
                         on_error=metrics.upstream_error)
@@ -66,16 +71,11 @@ def _build_services(app: Flask, settings: Settings, redis_client) -> None:
     authenticator = Authenticator(settings.master_key, keystore)
     limiter = RateLimiter(redis_client, names, settings.parallel_lease_seconds)
     accounting = Accounting(redis_client, names, settings.prices, settings.spend_log_max, limiter)
-    app.extensions.update({
-        "gateway.redis": redis_client,
-        "gateway.metrics": metrics,
-        "gateway.replicas": replicas,
-        "gateway.keystore": keystore,
-        "gateway.auth": authenticator,
-        "gateway.accounting": accounting,
-        "gateway.passthrough": PassThrough(replicas, upstreams[0].auth_header, authenticator,
-                                           settings.max_body_bytes, accounting, limiter, metrics),
-    })
+    passthrough = Passthrough(replicas, upstreams[0].auth_header, authenticator, settings.max_body_bytes,
+                              accounting, limiter, metrics)
+    return Services(settings=settings, redis=redis_client, session=session, metrics=metrics,
+                    replicas=replicas, keystore=keystore, auth=authenticator, limiter=limiter,
+                    accounting=accounting, passthrough=passthrough)
 
 
 def _register_blueprints(app: Flask) -> None:
@@ -88,7 +88,7 @@ def _register_blueprints(app: Flask) -> None:
 def _install_request_record(app: Flask) -> None:
     """Every request gets a record and an id; the log line is written when the body closes."""
 
-    metrics = app.extensions["gateway.metrics"]
+    metrics = app.extensions["gateway"].metrics
 
     @app.before_request
     def start_record():
@@ -122,7 +122,7 @@ def _install_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(GatewayError)
     def gateway_error(exc: GatewayError):
-        app.extensions["gateway.metrics"].refused(exc)
+        app.extensions["gateway"].metrics.refused(exc)
         record = g.get("record")
         if record is not None and record.error is None:
             record.error = exc.message

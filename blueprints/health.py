@@ -1,5 +1,7 @@
 """Liveness and readiness probes; public, no key needed."""
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, jsonify
+
+from blueprints import services
 
 bp = Blueprint("health", __name__, url_prefix="/health")
 
@@ -15,12 +17,12 @@ def liveness():
 def readiness():
     """Each dependency's state; 503 when any is down."""
     checks = {}
-    replicas = current_app.extensions["gateway.replicas"].status()
+    replicas = services().replicas.status()
     up = sum(r["status"] == "up" for r in replicas)
     checks["upstream"] = {"status": "up" if up else "down",
                           "detail": f"{up} of {len(replicas)} vLLM replicas answer",
                           "replicas": replicas}
-    keystore = current_app.extensions.get("gateway.keystore")
+    keystore = services().keystore
     if keystore is not None:
         ok, detail = keystore.ping()
         checks["keystore"] = {"status": "up" if ok else "down", "detail": detail}

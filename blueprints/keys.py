@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, jsonify, request
+
+from blueprints import services
 
 from gateway.core.durations import parse_duration
 from gateway.core.errors import GatewayError
@@ -17,11 +19,11 @@ UPDATABLE = set(KEY_FIELDS) - {"key"}
 
 @bp.before_request
 def master_only():
-    current_app.extensions["gateway.auth"].require_master(request.environ)
+    services().auth.require_master(request.environ)
 
 
 def store():
-    return current_app.extensions["gateway.keystore"]
+    return services().keystore
 
 
 def json_body() -> dict:
@@ -40,7 +42,7 @@ def public(record: dict) -> dict:
     """A record as shown to admins: internal fields dropped, spend merged in."""
     shown = {k: v for k, v in record.items() if k not in ("expires_at", "created_epoch")}
     try:
-        shown.update(current_app.extensions["gateway.accounting"].key_totals(record["token"], record))
+        shown.update(services().accounting.key_totals(record["token"], record))
     except REDIS_ERRORS:
         raise unavailable() from None
     return shown

@@ -1,32 +1,49 @@
-"""`/vllm/<path>`: everything after /vllm goes to the vLLM server as it is.
+"""`/vllm/<path>`: everything after /vllm goes to vLLM as it is, and its answer comes back.
 
-The blueprint mounts the pass-through (gateway/proxy.py) as a WSGI application in front of
-Flask for its prefix. A relay needs none of Flask's request context, routing or response
-objects, and skipping them saves about 15% of a worker's time per request (bench/). Every
-other route stays with Flask.
+A route like any other: the app's hooks give it the request record, the X-Request-Id and the
+error envelope. The view hands the WSGI environ to the relay (gateway/relay/exchange.py), which
+reads the raw target and body bytes from it, and streams vLLM's answer back as a generator.
 """
-from flask import Blueprint
+from flask import Blueprint, Response, g, request
+from werkzeug.routing import PathConverter
+
+from blueprints import services
+from gateway.relay.target import PREFIX
 
 bp = Blueprint("passthrough", __name__)
 
-PREFIX = "/vllm"
 
+class RestOfPath(PathConverter):
+    """Nothing, or '/' and anything: `/vllm`, `/vllm/` and `/vllm//sleep`, which `path` does not
+    match, also reach the relay (and its route policy) rather than a 404 or a redirect."""
 
-class PrefixDispatch:
-    """Sends `/vllm` and `/vllm/...` to the pass-through, everything else to Flask."""
-
-    def __init__(self, flask_wsgi, passthrough):
-        self.flask_wsgi = flask_wsgi
-        self.passthrough = passthrough
-
-    def __call__(self, environ, start_response):
-        path = environ.get("PATH_INFO", "")
-        if path.startswith(PREFIX) and (len(path) == len(PREFIX) or path[len(PREFIX)] == "/"):
-            return self.passthrough(environ, start_response)
-        return self.flask_wsgi(environ, start_response)
+    regex = "(?:/.*)?"
+    part_isolating = False  # spans segments (werkzeug would infer True from this regex)
 
 
 @bp.record_once
-def mount(state):
-    app = state.app
-    app.wsgi_app = PrefixDispatch(app.wsgi_app, app.extensions["gateway.passthrough"])
+def _register_converter(state):
+    # Before the rules below are added (deferred functions run in the order recorded).
+    state.app.url_map.converters["rest_of_path"] = RestOfPath
+
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+# `//sleep` must reach the route policy as it is, not be redirected; OPTIONS goes to vLLM.
+_RULE_OPTIONS = {"methods": METHODS, "provide_automatic_options": False, "merge_slashes": False}
+
+
+class RelayedResponse(Response):
+    """vLLM's status and headers as they are: no default Content-Type, no computed length."""
+
+    default_mimetype = None
+    automatically_set_content_length = False
+
+
+@bp.route(PREFIX + "/<path:path>", **_RULE_OPTIONS)
+@bp.route(PREFIX + "<rest_of_path:path>", **_RULE_OPTIONS)
+def relay(path):
+    """Relay one request to vLLM (`path` is matched; the raw bytes come from the environ)."""
+    relayed = services().passthrough.relay(request.environ, g.record)
+    # Not direct_passthrough: werkzeug would then skip the close callbacks.
+    response = RelayedResponse(relayed.body, status=relayed.status_line, headers=relayed.headers)
+    response.call_on_close(relayed.close)
+    return response

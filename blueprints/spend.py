@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, jsonify, request
+
+from blueprints import services
 
 from gateway.core.errors import GatewayError
 from gateway.core.redisconn import REDIS_ERRORS, unavailable
@@ -14,11 +16,11 @@ bp = Blueprint("spend", __name__)
 
 @bp.before_request
 def master_only():
-    current_app.extensions["gateway.auth"].require_master(request.environ)
+    services().auth.require_master(request.environ)
 
 
 def _accounting():
-    return current_app.extensions["gateway.accounting"]
+    return services().accounting
 
 
 def _time_arg(name: str) -> float | None:

@@ -52,7 +52,7 @@ def test_unknown_model_costs_nothing_but_counts_tokens(kclient):
     assert resp.status_code == 200
     totals = info(kclient, created)
     assert totals["spend"] > 0
-    kclient.application.extensions["gateway.accounting"].prices = {}
+    kclient.application.extensions["gateway"].accounting.prices = {}
     kclient.post("/vllm/v1/completions", headers=auth, json={"model": "fake-model", "prompt": "a b"})
     again = info(kclient, created)
     assert again["spend"] == pytest.approx(totals["spend"]) and again["total_tokens"] == 2 * totals["total_tokens"]

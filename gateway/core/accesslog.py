@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
+import uuid
 
 from gateway.core.timefmt import iso
 
 _state = {"enabled": True, "fd": 1}
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
 def configure(enabled: bool = True, fd: int = 1) -> None:
@@ -26,6 +29,14 @@ def write_line(line: dict) -> None:
         os.write(_state["fd"], data)
     except OSError:
         pass  # a closed stdout must not fail the request
+
+
+def request_id_for(environ) -> str:
+    """The caller's X-Request-Id when it is a sane token, else a new one."""
+    given = environ.get("HTTP_X_REQUEST_ID")
+    if given and _REQUEST_ID.fullmatch(given):
+        return given
+    return uuid.uuid4().hex
 
 
 class RequestRecord:

@@ -34,6 +34,8 @@ class Settings:
     allow_weak_master_key: bool = False
     connect_timeout: float = 5.0
     read_timeout: float = 600.0
+    head_timeout: float | None = None  # None: the read timeout
+    upstream_trust_env: bool = False
     max_body_bytes: int = 64 * 1024 * 1024
     upstream_pool_size: int = 1000
     redis_url: str | None = None
@@ -82,6 +84,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("UPSTREAM_COOLOFF_SECONDS must not be negative")
     if s.connect_timeout <= 0 or s.read_timeout <= 0:
         raise ConfigError("UPSTREAM_CONNECT_TIMEOUT and UPSTREAM_READ_TIMEOUT must be positive")
+    if s.head_timeout is not None and s.head_timeout <= 0:
+        raise ConfigError("UPSTREAM_HEAD_TIMEOUT must be positive")
     if s.max_body_bytes <= 0:
         raise ConfigError("MAX_REQUEST_BODY_BYTES must be positive")
     if s.upstream_pool_size <= 0 or s.redis_pool_size <= 0:
@@ -163,6 +167,8 @@ def load_settings(environ=None, **overrides) -> Settings:
         allow_weak_master_key=_flag(env, "ALLOW_WEAK_MASTER_KEY"),
         connect_timeout=_number(env, "UPSTREAM_CONNECT_TIMEOUT", 5.0),
         read_timeout=_number(env, "UPSTREAM_READ_TIMEOUT", 600.0),
+        head_timeout=_number(env, "UPSTREAM_HEAD_TIMEOUT", None),
+        upstream_trust_env=_flag(env, "UPSTREAM_TRUST_ENV"),
         max_body_bytes=_number(env, "MAX_REQUEST_BODY_BYTES", 64 * 1024 * 1024, int),
         upstream_pool_size=_number(env, "UPSTREAM_POOL_SIZE", 1000, int),
         redis_url=redis_url_from(env),

@@ -1,31 +1,33 @@
-"""The pass-through: authenticate, apply the key's policy and limits, relay, account.
+"""One /vllm request: authenticate, apply the key's policy and limits, relay, account.
 
-It is a plain WSGI application mounted in front of Flask for the /vllm prefix (see
-blueprints/passthrough.py): Flask's request context, routing and response objects cost about
-15% of a worker's time per relayed request and add nothing to a byte-for-byte relay.
+`Passthrough.relay` is called by the pass-through blueprint's view with the WSGI environ (the
+raw target and body bytes come from there, so nothing is re-encoded) and the request's record;
+it returns a `Relayed` answer the view turns into a Flask response. Errors are raised as
+GatewayError, after the request has been accounted for.
 """
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Callable, Iterable
 
-from gateway.keys import policy
-from gateway.core.accesslog import RequestRecord
-from gateway.usage.accounting import current_budget_spend
-from gateway.core.errors import GatewayError, error_body
+from gateway.core.errors import GatewayError
 from gateway.core.metrics import route_group
+from gateway.keys import policy
 from gateway.keys.fields import encodable
-from gateway.relay.target import forward_headers, read_body, request_id_for, vllm_target
 from gateway.relay.replicas import creates_response, response_id_in, sticky_id
-from gateway.relay.upstream import RelayBody, read_small_body, response_headers
+from gateway.relay.response import RelayedBody, read_small_body, response_headers
+from gateway.relay.target import PREFIX, forward_headers, read_body, vllm_target
+from gateway.usage.accounting import current_budget_spend
 from gateway.usage.tap import Usage, UsageTap, clean_label
 
 log = logging.getLogger("gateway")
 MAX_END_USER = 256
 
 
-def status_line(status: int, reason: str | None = None) -> str:
+def status_text(status: int, reason: str | None = None) -> str:
     if not reason:
         try:
             reason = HTTPStatus(status).phrase
@@ -34,31 +36,14 @@ def status_line(status: int, reason: str | None = None) -> str:
     return f"{status} {reason}"
 
 
-class ClosingBody:
-    """The WSGI body: relays `body`, then on close accounts for the request and logs it."""
+@dataclass
+class Relayed:
+    """vLLM's answer as the caller gets it; `close` runs when the server closes the body."""
 
-    __slots__ = ("body", "exchange", "record", "status")
-
-    def __init__(self, body, exchange, record, status):
-        self.body = body
-        self.exchange = exchange
-        self.record = record
-        self.status = status
-
-    def __iter__(self):
-        return iter(self.body)
-
-    def close(self):
-        try:
-            close = getattr(self.body, "close", None)
-            if close is not None:
-                close()
-            if self.exchange is not None:
-                if self.record.stream:
-                    self.exchange.proxy.metrics.streams_open.dec()
-                self.exchange.finish(self.status)
-        finally:
-            self.record.emit()
+    status_line: str
+    headers: list
+    body: Iterable[bytes]
+    close: Callable[[], None]
 
 
 def end_user_of(environ, fields: dict | None) -> str | None:
@@ -84,11 +69,12 @@ def request_fields(body: bytes, content_type: str | None, forms: bool) -> dict |
 class Exchange:
     """One /vllm request from admission to accounting."""
 
-    __slots__ = ("proxy", "record", "identity", "path", "fields", "end_user", "slot", "tap", "replica",
-                 "capture_id")
+    __slots__ = ("passthrough", "record", "identity", "path", "fields", "end_user", "slot", "tap", "replica",
+                 "capture_id", "finished")
 
-    def __init__(self, proxy, record, identity, path):
-        self.proxy = proxy
+    def __init__(self, passthrough, record, identity, path):
+        self.passthrough = passthrough
+        self.finished = False
         self.record = record
         self.identity = identity
         self.path = path
@@ -108,20 +94,29 @@ class Exchange:
             response_id = response_id_in(chunk)
             if response_id is not None:
                 self.capture_id = False
-                self.proxy.replicas.remember(response_id, self.replica)
+                self.passthrough.replicas.remember(response_id, self.replica)
+
+    def close(self) -> None:
+        """The caller's response closed (finished, or the caller left): account for it."""
+        if self.record.stream:
+            self.passthrough.metrics.streams_open.dec()
+        self.finish()
 
     def finish(self, status: int | None = None) -> None:
-        """Account for the request (called once, after the response closed or failed)."""
+        """Account for the request, once: after the response closed, or when it failed."""
+        if self.finished:
+            return
+        self.finished = True
         record = self.record
         if self.replica is not None:
-            self.proxy.replicas.release(self.replica)
+            self.passthrough.replicas.release(self.replica)
         if self.tap is not None:
             usage = self.tap.result(self.fields)
         else:
             usage = Usage(self.fields.get("model") if self.fields else None)
         # The model name comes from the caller or vLLM: make it safe once for logs, Redis and labels.
         usage.model = clean_label(usage.model)
-        accounting = self.proxy.accounting
+        accounting = self.passthrough.accounting
         spend = accounting.cost(usage.model, usage.prompt_tokens, usage.completion_tokens)
         key = self.identity.key
         entry = {
@@ -149,14 +144,14 @@ class Exchange:
         }
         record.extra = {"model": usage.model, "total_tokens": usage.total_tokens}
         accounting.record(entry, key, self.slot)
-        metrics = self.proxy.metrics
+        metrics = self.passthrough.metrics
         alias = entry["key_alias"] or ("master" if self.identity.is_master else "(no alias)")
         metrics.usage(alias, usage.model or "unknown", usage.prompt_tokens, usage.completion_tokens, spend)
         if self.replica is not None and (record.error or "").startswith("upstream stream broke"):
             metrics.upstream_error("stream_broken", self.replica.name)
 
 
-class PassThrough:
+class Passthrough:
     """Forwards `/vllm/<path>` to vLLM untranslated; one instance per worker."""
 
     def __init__(self, replicas, upstream_auth: str | None, authenticator, max_body_bytes: int,
@@ -169,38 +164,9 @@ class PassThrough:
         self.accounting = accounting
         self.limiter = limiter
 
-    def __call__(self, environ, start_response):
-        """WSGI entry for /vllm: every outcome, errors included, is logged when the body closes."""
-        method = environ["REQUEST_METHOD"]
-        path_info = environ.get("PATH_INFO", "")
-        record = RequestRecord(method, path_info, route_group(path_info[5:]), self.metrics)
-        record.request_id = request_id_for(environ)
-        exchange = None
-        try:
-            status, reason, headers, body, exchange = self.handle(environ, record)
-        except GatewayError as exc:
-            self.metrics.refused(exc)
-            status, reason, body = exc.status, None, [exc.body()]
-            headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body[0]))),
-                       *exc.headers.items()]
-            if record.error is None:
-                record.error = exc.message
-        except Exception as exc:  # never a bare 500 page; the traceback goes to stderr
-            log.exception("unhandled error in the pass-through")
-            record.error = f"internal error: {type(exc).__name__}"
-            status, reason = 500, None
-            body = [error_body(500, "internal gateway error; see the gateway log for the request id")]
-            headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body[0])))]
-        if exchange is None:  # relayed responses got their X-Request-Id in response_headers
-            headers.append(("X-Request-Id", record.request_id))
-        record.status = status
-        if not record.stream and not record.bytes_out and isinstance(body, list):
-            record.bytes_out = sum(len(part) for part in body)
-        start_response(status_line(status, reason), headers)
-        return ClosingBody(body, exchange, record, status)
-
-    def handle(self, environ, record):
-        """(status, reason, headers, body, exchange) for an admitted request; raises GatewayError."""
+    def relay(self, environ, record) -> Relayed:
+        """Admit and relay one request; raises GatewayError (already accounted for) when refused."""
+        record.route = route_group(environ.get("PATH_INFO", "")[len(PREFIX):])
         identity = self.authenticator.authenticate(environ)
         record.caller = identity.label
         path, query = vllm_target(environ)
@@ -214,7 +180,7 @@ class PassThrough:
             response_id = None if replicas.single else sticky_id(method, path, exchange.fields)
             exchange.replica, resp = replicas.send(method, path, query, headers, body, response_id)
             exchange.capture_id = not replicas.single and creates_response(method, path)
-            out_headers, body = self._relay(resp, method, exchange, environ.get("gunicorn.socket"))
+            return self._answer(resp, method, exchange, environ.get("gunicorn.socket"))
         except Exception as exc:
             # Every way out before a response exists still frees the slot, the replica's
             # in-flight count and the upstream connection, and is accounted for.
@@ -227,9 +193,6 @@ class PassThrough:
                 exc.headers = {**exchange.slot.headers, **exc.headers}
             exchange.finish(status=status)
             raise
-        if exchange.slot is not None:
-            out_headers.extend(exchange.slot.headers.items())
-        return resp.status, resp.reason, out_headers, body, exchange
 
     def _admit(self, environ, exchange) -> bytes:
         """Route policy, body, model list, budget and rate limits; the body when admitted."""
@@ -254,21 +217,24 @@ class PassThrough:
             exchange.slot = self.limiter.acquire(identity.token, key, record.request_id)
         return body
 
-    def _relay(self, resp, method: str, exchange, client_socket=None):
-        """vLLM's headers and a body to relay: bytes when short, else a streaming RelayBody."""
+    def _answer(self, resp, method: str, exchange, client_socket=None) -> Relayed:
+        """vLLM's status and headers, and its body: bytes when short, else a RelayedBody."""
         record = exchange.record
-        record.upstream_status = resp.status
-        out_headers = response_headers(resp, record.request_id)
-        if method == "HEAD":
-            resp.release()  # a HEAD answer has no body: the connection goes back to the pool
-            return out_headers, []
-        exchange.tap = UsageTap(resp.header("content-type"), resp.header("content-encoding"))
-        small = read_small_body(resp)
+        record.upstream_status = resp.status_code
+        headers = response_headers(resp)
+        if exchange.slot is not None:
+            headers.extend(exchange.slot.headers.items())
+        status_line = status_text(resp.status_code, resp.raw.reason)
+        raw_headers = resp.raw.headers
+        exchange.tap = UsageTap(raw_headers.get("content-type", ""), raw_headers.get("content-encoding", ""))
+        small = read_small_body(resp, method)
         if small is not None:
             record.ttfb = time.monotonic()
             record.bytes_out = len(small)
             exchange.on_chunk(small)
-            return out_headers, [small]
+            resp.close()
+            return Relayed(status_line, headers, [small], exchange.close)
         record.stream = True
         self.metrics.streams_open.inc()
-        return out_headers, RelayBody(resp, record, exchange, client_socket)
+        body = RelayedBody(resp, record, exchange, client_socket, on_close=exchange.close)
+        return Relayed(status_line, headers, body, body.close)

@@ -5,13 +5,13 @@ Everything here works on the raw request so vLLM receives exactly what the calle
 from __future__ import annotations
 
 import re
-import uuid
 from urllib.parse import unquote
 
 from werkzeug.http import is_hop_by_hop_header
 
 from gateway.core.errors import GatewayError
 
+# Everything after it is vLLM's path: the one place the prefix is spelled.
 PREFIX = "/vllm"
 
 # Every header a caller may put its gateway key in: none of them may reach vLLM (LiteLLM #32202).
@@ -25,10 +25,15 @@ _REPLACED = frozenset({
 # Bytes that may stand in a request target as they are; anything else is percent-encoded
 # (http.client refuses non-ASCII and control characters, and '#' would end the path).
 _UNSAFE = re.compile(rb"[^\x21-\x7e]|#")
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# A '%' that starts no %XX escape means a literal '%'. urllib3 re-encodes every '%' of a target
+# holding even one such stray (turning a real %80 into %2580), so strays are written as %25.
+_STRAY_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 
 
 def _quote_unsafe(raw: bytes) -> str:
+    """The target as it goes on the wire, meaning unchanged. urllib3 then applies RFC 3986's
+    normalisations (escapes in upper case, characters a URI may not hold escaped)."""
+    raw = _STRAY_PERCENT.sub(b"%25", raw)
     return _UNSAFE.sub(lambda m: b"%%%02X" % m.group()[0], raw).decode("ascii")
 
 
@@ -78,19 +83,22 @@ def vllm_target(environ) -> tuple[str, str]:
     return path, sep + query
 
 
-def request_id_for(environ) -> str:
-    """The caller's X-Request-Id when it is a sane token, else a new one."""
-    given = environ.get("HTTP_X_REQUEST_ID")
-    if given and _REQUEST_ID.fullmatch(given):
-        return given
-    return uuid.uuid4().hex
-
-
 def _connection_named(environ) -> frozenset:
     value = environ.get("HTTP_CONNECTION")
     if not value:
         return frozenset()
     return frozenset("HTTP_" + t.strip().upper().replace("-", "_") for t in value.split(",") if t.strip())
+
+
+def _header_value(name: str, value: str) -> str:
+    """A value that can go out as one header line: no line breaks, ISO-8859-1 text."""
+    if "\n" in value or "\r" in value or "\0" in value:
+        raise GatewayError(400, f"header {name} contains a line break")
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise GatewayError(400, "request headers must be ISO-8859-1 text") from None
+    return value
 
 
 def forward_headers(environ, request_id: str, upstream_auth: str | None) -> dict:
@@ -103,7 +111,7 @@ def forward_headers(environ, request_id: str, upstream_auth: str | None) -> dict
         name = key[5:].replace("_", "-").title()
         if is_hop_by_hop_header(name):
             continue
-        headers[name] = value
+        headers[name] = _header_value(name, value)
     content_type = environ.get("CONTENT_TYPE")
     if content_type:
         headers["Content-Type"] = content_type

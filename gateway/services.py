@@ -1,0 +1,30 @@
+"""The per-worker services the views use, built once by the app factory (app.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+from gateway.core.config import Settings
+from gateway.core.metrics import Metrics
+from gateway.keys.auth import Authenticator
+from gateway.keys.store import KeyStore
+from gateway.relay.exchange import Passthrough
+from gateway.relay.replicas import Replicas
+from gateway.usage.accounting import Accounting
+from gateway.usage.limits import RateLimiter
+
+
+@dataclass
+class Services:
+    settings: Settings
+    redis: Any                  # redis.Redis, or an embedded fakeredis without REDIS_URL
+    session: requests.Session   # the worker's one HTTP session to vLLM
+    metrics: Metrics
+    replicas: Replicas
+    keystore: KeyStore
+    auth: Authenticator
+    limiter: RateLimiter
+    accounting: Accounting
+    passthrough: Passthrough
