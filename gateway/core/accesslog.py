@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import time
-import uuid
 
 from gateway.core.timefmt import iso
 
@@ -36,7 +36,7 @@ def request_id_for(environ) -> str:
     given = environ.get("HTTP_X_REQUEST_ID")
     if given and _REQUEST_ID.fullmatch(given):
         return given
-    return uuid.uuid4().hex
+    return secrets.token_hex(16)
 
 
 class RequestRecord:

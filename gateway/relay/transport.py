@@ -20,6 +20,7 @@ anything to read.
 from __future__ import annotations
 
 import http.client
+import select
 import time
 from http.cookiejar import DefaultCookiePolicy
 
@@ -30,6 +31,19 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.util.retry import Retry
 
 MAX_INTERIM_RESPONSES = 10
+
+
+def _unpatched_poll():
+    """select.poll as the OS provides it. A zero-timeout poll never blocks, so it is safe on a
+    gevent worker, and costs one system call where gevent's emulation starts and stops watchers."""
+    try:
+        from gevent import monkey
+    except ImportError:
+        return select.poll
+    return monkey.get_original("select", "poll")
+
+
+_poll = _unpatched_poll()
 
 
 class FinalResponse(http.client.HTTPResponse):
@@ -60,11 +74,17 @@ class _IdleLimited:
 
     @property
     def is_connected(self) -> bool:
-        # Counted from the response head: a long stream only makes the connection look older,
-        # which costs a new connection, never a stale one.
+        """Reusable: not idle too long, and nothing to read (neither a close nor stray bytes).
+
+        Idle time counts from the response head: a long stream only makes the connection look
+        older, which costs a new connection, never a stale one."""
+        if self.sock is None:
+            return False
         if self._answered_at is not None and time.monotonic() - self._answered_at > self.max_idle:
             return False
-        return super().is_connected
+        poller = _poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        return not poller.poll(0)
 
 
 def _pool_classes(max_idle: float) -> dict:
@@ -87,6 +107,36 @@ class VLLMAdapter(HTTPAdapter):
     def init_poolmanager(self, connections, maxsize, block=False, **pool_kwargs):
         super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)
         self.poolmanager.pool_classes_by_scheme = _pool_classes(self.max_idle)
+        self._pools = {}
+
+    def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):
+        """The pool for this request's origin, remembered: requests would parse the URL and
+        build the pool key again for every request to the same few vLLM servers."""
+        if proxies:
+            return super().get_connection_with_tls_context(request, verify, proxies, cert)
+        scheme, _, netloc = request.url.split("/", 3)[:3]
+        key = (scheme, netloc, verify, cert if not isinstance(cert, list) else tuple(cert))
+        pool = self._pools.get(key)
+        if pool is None or pool.pool is None:  # pool.pool is None once the pool was closed
+            pool = self._pools[key] = super().get_connection_with_tls_context(request, verify, proxies, cert)
+        return pool
+
+    def build_response(self, req, resp):
+        """requests' Response around urllib3's, without what a relay never reads: a copy of
+        the headers (urllib3's are case-insensitive already) and a cookie jar filled from them."""
+        response = requests.Response()
+        response.status_code = resp.status
+        response.headers = resp.headers
+        response.raw = resp
+        response.reason = resp.reason
+        response.url = req.url
+        response.request = req
+        response.connection = self
+        return response
+
+    def close(self):
+        self._pools.clear()
+        super().close()
 
 
 class _NoCookies(DefaultCookiePolicy):

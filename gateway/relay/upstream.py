@@ -41,8 +41,12 @@ class Upstream:
         # Twice the read timeout by default, so a silent vLLM meets the read timeout (504) first
         # and only a head trickled byte by byte meets this deadline (502).
         self.head_timeout = head_timeout or 2 * read_timeout
-        # Sent without proxies unless the session honours the environment (UPSTREAM_TRUST_ENV).
-        self._send_options = {} if session.trust_env else {"proxies": {}}
+        # Without environment proxies (UPSTREAM_TRUST_ENV off, the default) a request goes
+        # straight to the session's adapter for this origin: Session.send would add only hooks,
+        # cookie extraction and redirect bookkeeping, which a relay never uses.
+        self._adapter = None if session.trust_env else session.get_adapter(self.origin + "/")
+        self._adapter_options = {"stream": True, "timeout": self.timeout, "verify": session.verify,
+                                 "cert": session.cert, "proxies": {}}
 
     def send(self, method: str, target: str, headers: dict, body: bytes | None) -> requests.Response:
         """Send one request (`target`: path and query from the server root); the response's
@@ -55,8 +59,9 @@ class Upstream:
         request.body = body or None
         try:
             with self._head_deadline():
-                return self.session.send(request, stream=True, timeout=self.timeout,
-                                         allow_redirects=False, **self._send_options)
+                if self._adapter is not None:
+                    return self._adapter.send(request, **self._adapter_options)
+                return self.session.send(request, stream=True, timeout=self.timeout, allow_redirects=False)
         except requests.ConnectTimeout:
             raise GatewayError(504, f"vLLM did not accept the connection within {self.connect_timeout:g}s",
                                kind="connect_timeout", retryable=True) from None
