@@ -27,11 +27,12 @@ from gateway.usage.prices import cost
 log = logging.getLogger("gateway")
 
 # Reset a key's budget-period spend when the period changed, then add; atomic per key.
+# ARGV: period, prompt tokens, completion tokens, spend, requests (a batch's sum for one key).
 _CHARGE_KEY = """
 if redis.call('HGET', KEYS[1], 'budget_period') ~= ARGV[1] then
   redis.call('HSET', KEYS[1], 'budget_period', ARGV[1], 'budget_spend', 0)
 end
-redis.call('HINCRBY', KEYS[1], 'requests', 1)
+redis.call('HINCRBY', KEYS[1], 'requests', ARGV[5])
 redis.call('HINCRBY', KEYS[1], 'prompt_tokens', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'completion_tokens', ARGV[3])
 redis.call('HINCRBYFLOAT', KEYS[1], 'spend', ARGV[4])
@@ -129,11 +130,16 @@ class Accounting:
             return True
         try:
             pipe = self.redis.pipeline(transaction=False)
+            charges = {}
             for entry, key in batch:
                 try:
-                    self._queue(pipe, entry, key)
+                    self._queue(pipe, entry, key, charges)
                 except Exception:  # one malformed entry must not cost the whole batch
                     log.exception("accounting skipped request %s", entry.get("request_id"))
+            # One script call per key and budget period in a batch, not one per request.
+            for (token, period), (requests, prompt, completion, spend) in charges.items():
+                self._charge_key(keys=[self.names.key_spend(token)],
+                                 args=[period, prompt, completion, repr(spend), requests], client=pipe)
             pipe.execute()
         except REDIS_ERRORS as exc:
             self.pending.extendleft(reversed(batch))
@@ -148,13 +154,15 @@ class Accounting:
             self._deferring = False
         return True
 
-    def _queue(self, pipe, entry: dict, key: dict | None) -> None:
+    def _queue(self, pipe, entry: dict, key: dict | None, charges: dict) -> None:
         token = entry.get("token")
         prompt, completion = entry["prompt_tokens"], entry["completion_tokens"]
         if token and key is not None:
-            period = budget_period(key, entry["start_time"])
-            self._charge_key(keys=[self.names.key_spend(token)],
-                             args=[period, prompt, completion, repr(entry["spend"])], client=pipe)
+            total = charges.setdefault((token, budget_period(key, entry["start_time"])), [0, 0, 0, 0.0])
+            total[0] += 1
+            total[1] += prompt
+            total[2] += completion
+            total[3] += entry["spend"]
             if self.limiter is not None and key.get("tpm_limit") is not None:
                 self.limiter.charge_tokens_into(pipe, token, prompt + completion, entry["end_time"])
         end_user = entry.get("end_user")
