@@ -55,6 +55,8 @@ def load_prices(environ) -> dict[str, tuple[float, float]]:
                 return parse_prices(handle.read(), f"MODEL_PRICES_FILE ({path})")
         except OSError as exc:
             raise ConfigError(f"MODEL_PRICES_FILE cannot be read: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"MODEL_PRICES_FILE ({path}) is not UTF-8 text") from None
     return {}
 
 
