@@ -139,21 +139,23 @@ def _never_connected(exc: requests.ConnectionError) -> bool:
     return isinstance(reason, NewConnectionError)
 
 
+# What a transport failure's text says, first match wins -> the name the gateway reports.
+_FAILURE_KINDS = (
+    (("refused",), "connection refused"),
+    (("name or service", "resolution", "nodename"), "name resolution failed"),
+    (("timed out", "timeout"), "timed out"),
+    (("reset",), "connection reset"),
+    (("got more than", "line too long", "linetoolong"), "response head too large"),
+    (("remotedisconnected", "without response"), "connection closed without a response"),
+)
+
+
 def failure_kind(exc: BaseException) -> str:
     """A short, secret-free name for a transport failure."""
     text = str(exc).lower()
-    if "refused" in text:
-        return "connection refused"
-    if "name or service" in text or "resolution" in text or "nodename" in text:
-        return "name resolution failed"
-    if "timed out" in text or "timeout" in text:
-        return "timed out"
-    if "reset" in text:
-        return "connection reset"
-    if "got more than" in text or "line too long" in text or "linetoolong" in text:
-        return "response head too large"
-    if "remotedisconnected" in text or "without response" in text:
-        return "connection closed without a response"
+    for markers, kind in _FAILURE_KINDS:
+        if any(marker in text for marker in markers):
+            return kind
     return type(exc).__name__
 
 
