@@ -19,9 +19,9 @@ from gateway.relay.disconnect import watch
 # A non-stream body up to this size is read whole, so the reply goes out in one write.
 SMALL_BODY = 256 * 1024
 READ_SIZE = 64 * 1024
-# What reading vLLM's body raises when it breaks: urllib3's errors, a socket closed under the
-# read (a caller that hung up), a response closed meanwhile.
-BODY_ERRORS = (Urllib3Error, OSError, ValueError, AttributeError, http.client.HTTPException)
+# What reading vLLM's body raises when it breaks: urllib3's errors, a socket error, a read on a
+# file already closed (ValueError), http.client's own.
+BODY_ERRORS = (Urllib3Error, OSError, ValueError, http.client.HTTPException)
 
 
 def response_headers(resp) -> list[tuple[str, str]]:

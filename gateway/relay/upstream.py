@@ -7,7 +7,6 @@ does the HTTP (gateway/relay/transport.py).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import requests
@@ -47,6 +46,7 @@ class Upstream:
         self._adapter = None if session.trust_env else session.get_adapter(self.origin + "/")
         self._adapter_options = {"stream": True, "timeout": self.timeout, "verify": session.verify,
                                  "cert": session.cert, "proxies": {}}
+        self._gevent = gevent_patched()  # decided once: the app is built after the worker patched
 
     def send(self, method: str, target: str, headers: dict, body: bytes | None) -> requests.Response:
         """Send one request (`target`: path and query from the server root); the response's
@@ -57,11 +57,11 @@ class Upstream:
         request.url = self.origin + target
         request.headers = _wire_headers(headers, body, method)
         request.body = body or None
+        deadline = self._start_head_deadline()
         try:
-            with self._head_deadline():
-                if self._adapter is not None:
-                    return self._adapter.send(request, **self._adapter_options)
-                return self.session.send(request, stream=True, timeout=self.timeout, allow_redirects=False)
+            if self._adapter is not None:
+                return self._adapter.send(request, **self._adapter_options)
+            return self.session.send(request, stream=True, timeout=self.timeout, allow_redirects=False)
         except requests.ConnectTimeout:
             raise GatewayError(504, f"vLLM did not accept the connection within {self.connect_timeout:g}s",
                                kind="connect_timeout", retryable=True) from None
@@ -72,30 +72,27 @@ class Upstream:
             raise GatewayError(502, f"vLLM did not finish its response head within {self.head_timeout:g}s",
                                kind="head_timeout") from None
         except requests.ConnectionError as exc:
+            kind = failure_kind(exc)
             if _never_connected(exc):  # nothing of the request reached vLLM: another replica may try
-                raise GatewayError(502, f"vLLM is unreachable ({failure_kind(exc)})",
-                                   kind=failure_kind(exc).replace(" ", "_"), retryable=True) from None
-            raise GatewayError(502, f"vLLM failed to answer ({failure_kind(exc)})",
-                               kind="bad_response") from None
+                raise GatewayError(502, f"vLLM is unreachable ({kind})", kind=kind.replace(" ", "_"),
+                                   retryable=True) from None
+            raise GatewayError(502, f"vLLM failed to answer ({kind})", kind="bad_response") from None
         except (requests.RequestException, ValueError) as exc:  # ValueError: e.g. an invalid header
             raise GatewayError(502, f"the request could not be sent to vLLM ({type(exc).__name__})",
                                kind="bad_request") from None
+        finally:
+            if deadline is not None:
+                deadline.close()
 
-    @contextmanager
-    def _head_deadline(self):
-        """A total deadline for the response head: the read timeout bounds each gap, not a head
-        trickled one byte at a time. Enforced on gevent workers (how the gateway is served)."""
-        if not gevent_patched():
-            yield
-            return
+    def _start_head_deadline(self):
+        """A total deadline for the response head (HeadTimeout is raised where the request
+        waits): the read timeout bounds each gap, not a head trickled one byte at a time.
+        Enforced on gevent workers, how the gateway is served; None elsewhere."""
+        if not self._gevent:
+            return None
         import gevent
 
-        timer = gevent.Timeout(self.head_timeout, HeadTimeout)
-        timer.start()
-        try:
-            yield
-        finally:
-            timer.close()
+        return gevent.Timeout.start_new(self.head_timeout, HeadTimeout)
 
     def probe(self, timeout: float = 2.0) -> tuple[bool, str]:
         """Readiness of this replica: (ok, detail naming the cause when not ok).
