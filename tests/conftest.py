@@ -1,6 +1,7 @@
 """Shared fixtures: a real fake-vLLM server on loopback, the Flask app, real gunicorn gateways."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -336,15 +337,24 @@ def kclient(kapp):
     return kapp.test_client()
 
 
-@pytest.fixture
-def real_redis_prefix():
-    """A unique prefix on the real Redis, for tests of several gateway processes sharing it."""
+@contextlib.contextmanager
+def real_redis_namespace(label: str = "test"):
+    """(client, prefix): the real Redis and a unique key prefix, whose keys are removed after."""
     import uuid
 
     import redis
+    client = redis.Redis.from_url(REAL_REDIS_URL, decode_responses=True)
+    prefix = f"{label}-{uuid.uuid4().hex[:10]}:"
+    try:
+        yield client, prefix
+    finally:
+        _purge(client, prefix)
+
+
+@pytest.fixture
+def real_redis_prefix():
+    """A unique prefix on the real Redis, for tests of several gateway processes sharing it."""
     if not real_redis_available():
         pytest.skip(f"no Redis at {REAL_REDIS_URL}")
-    client = redis.Redis.from_url(REAL_REDIS_URL, decode_responses=True)
-    prefix = f"test-{uuid.uuid4().hex[:10]}:"
-    yield client, prefix
-    _purge(client, prefix)
+    with real_redis_namespace() as namespace:
+        yield namespace

@@ -14,11 +14,10 @@ import subprocess
 import uuid
 
 import pytest
-import redis
 import requests
 
-from tests.conftest import (MASTER_KEY, REAL_REDIS_URL, ROOT, GatewayServer, OutputWatcher, _purge,
-                            free_port, gateway_environ, real_redis_available, wait_until)
+from tests.conftest import (MASTER_KEY, REAL_REDIS_URL, ROOT, GatewayServer, OutputWatcher, free_port,
+                            gateway_environ, real_redis_available, real_redis_namespace, wait_until)
 
 MODEL = "qwen2.5-7b-instruct"
 VLLM_KEY = "real-vllm-upstream-key-7d1c"
@@ -125,10 +124,8 @@ def shared_redis():
     """The real Redis and a prefix of our own (the gateway's state must be real here too)."""
     if not real_redis_available():
         pytest.fail(f"no Redis at {REAL_REDIS_URL}; ./scripts/test starts one")
-    client = redis.Redis.from_url(REAL_REDIS_URL, decode_responses=True)
-    prefix = f"test-real-{uuid.uuid4().hex[:8]}:"
-    yield client, prefix
-    _purge(client, prefix)
+    with real_redis_namespace("test-real") as namespace:
+        yield namespace
 
 
 def start_real_gateway(vllm: RealVLLM, prefix: str, **extra) -> GatewayServer:

@@ -1,5 +1,6 @@
 """vLLM's own routes and errors through the gateway, compared with calling vLLM directly."""
 import json
+import re
 import subprocess
 
 import pytest
@@ -76,11 +77,17 @@ def test_vllm_errors_relayed_unchanged(real_gateway, real_vllm, calls, body):
 @pytest.mark.parametrize("path", ["/collective_rpc", "/server_info", "/sleep", "/reset_prefix_cache",
                                   "/v1/load_lora_adapter", "/start_profile", "/no_such_route"])
 def test_operator_and_unknown_routes_refused_to_a_virtual_key(real_gateway, real_vllm, calls, path):
-    before = real_vllm.metric("vllm:num_requests_running")
+    first_line = len(real_vllm.out.lines)
     resp = real_vllm.http.post(real_gateway.url + "/vllm" + path, json={},
                                headers={"Authorization": f"Bearer {calls.new_key()}"}, timeout=10)
     assert resp.status_code == 403 and resp.json()["error"]["type"] == "permission_error"
-    assert real_vllm.metric("vllm:num_requests_running") == before
+    # vLLM's access log is in order: once a marker request sent after the refusal is logged,
+    # a refused request that had reached vLLM would be logged before it.
+    marker = rid()
+    assert real_vllm.http.get(f"{real_vllm.url}/version?marker={marker}", timeout=10).status_code == 200
+    real_vllm.out.wait_for(re.escape(marker), start=first_line)
+    reached = [line for line in real_vllm.out.lines[first_line:] if line and f" {path} HTTP" in line]
+    assert reached == []
 
 
 @pytest.mark.parametrize("path,body", [
