@@ -1,6 +1,7 @@
 """What the gateway sends upstream: target path, headers and body, built from the WSGI environ.
 
-Everything here works on the raw request so vLLM receives exactly what the caller sent.
+Everything here works on the raw request, so vLLM receives the target the caller sent with its
+meaning unchanged (urllib3 then applies RFC 3986's normalisations) and the body byte for byte.
 """
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def raw_target(environ) -> str:
         # No server-provided raw URI: rebuild one from the decoded parts.
         path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
         query = environ.get("QUERY_STRING", "")
-        raw = _quote_unsafe(path.encode("latin-1", "replace")).replace("?", "%3F")
+        # PATH_INFO is decoded: every '%' in it is a literal one.
+        raw = _quote_unsafe(path.replace("%", "%25").encode("latin-1", "replace")).replace("?", "%3F")
         return raw + ("?" + query if query else "")
     if not raw.startswith("/"):
         # absolute-form ("GET http://host/vllm/x HTTP/1.1"): drop scheme and authority.

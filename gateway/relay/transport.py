@@ -115,7 +115,7 @@ class VLLMAdapter(HTTPAdapter):
         if proxies:
             return super().get_connection_with_tls_context(request, verify, proxies, cert)
         scheme, _, netloc = request.url.split("/", 3)[:3]
-        key = (scheme, netloc, verify, cert if not isinstance(cert, list) else tuple(cert))
+        key = (scheme, netloc, verify, cert)  # the session sets verify (a bool or CA path) and no cert
         pool = self._pools.get(key)
         if pool is None or pool.pool is None:  # pool.pool is None once the pool was closed
             pool = self._pools[key] = super().get_connection_with_tls_context(request, verify, proxies, cert)

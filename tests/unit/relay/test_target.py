@@ -42,6 +42,7 @@ def test_raw_target_empty_raw_uri_falls_back_to_request_uri():
     ({"PATH_INFO": "/vllm/a?b"}, "/vllm/a%3Fb"),           # a decoded '?' stays in the path
     ({"PATH_INFO": "/vllm/a#b"}, "/vllm/a%23b"),
     ({"PATH_INFO": "/vllm/caf\xe9"}, "/vllm/caf%E9"),      # WSGI latin-1 string, byte 0xE9
+    ({"PATH_INFO": "/vllm/models%41"}, "/vllm/models%2541"),  # a decoded '%' is a literal one
 ])
 def test_raw_target_rebuilt_from_path_info_and_query_string(environ, expected):
     assert raw_target(environ) == expected
