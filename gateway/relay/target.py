@@ -6,11 +6,13 @@ meaning unchanged (urllib3 then applies RFC 3986's normalisations) and the body 
 from __future__ import annotations
 
 import re
+import socket
 from urllib.parse import unquote
 
 from werkzeug.http import is_hop_by_hop_header
 
 from gateway.core.errors import GatewayError
+from gateway.core.runtime import gevent_patched
 
 # Everything after it is vLLM's path: the one place the prefix is spelled.
 PREFIX = "/vllm"
@@ -127,8 +129,69 @@ def forward_headers(environ, request_id: str, upstream_auth: str | None) -> dict
     return headers
 
 
-def read_body(environ, limit: int) -> bytes:
-    """The exact request body bytes; 413 past `limit` without reading the rest."""
+def read_body(environ, limit: int, timeout: float | None = None) -> bytes:
+    """The exact request body bytes; 413 past `limit` without reading the rest.
+
+    On a gevent worker the whole body must arrive within `timeout` seconds (408), so a caller
+    trickling a byte now and then cannot hold a connection for ever. A body gunicorn cannot
+    decode (bad chunk framing, premature end) is a 400. After either the rest of the body is
+    unread, so the connection is closed once the error has been sent."""
+    timer = _body_timer(timeout)
+    try:
+        return _read_body(environ, limit)
+    except _BODY_ERRORS as exc:
+        _stop_reading(environ)
+        raise GatewayError(400, f"the request body could not be read: {_body_error_text(exc)}",
+                           headers=_CLOSE) from None
+    except BaseException as exc:
+        if timer is None or exc is not timer:
+            raise
+        _stop_reading(environ)
+        raise GatewayError(408, f"request body not received within {timeout:g}s", headers=_CLOSE) from None
+    finally:
+        if timer is not None:
+            timer.close()
+
+
+try:  # what gunicorn raises while reading a body it cannot decode
+    from gunicorn.http.errors import NoMoreData, ParseException
+    _BODY_ERRORS: tuple = (ParseException, NoMoreData)
+except ImportError:  # pragma: no cover - gunicorn is a dependency, but not of every server
+    _BODY_ERRORS = ()
+_CLOSE = {"Connection": "close"}
+
+
+def _body_timer(timeout: float | None):
+    """A started gevent.Timeout on a gevent worker; None elsewhere (nothing to interrupt)."""
+    if not timeout or not gevent_patched():
+        return None
+    import gevent
+
+    timer = gevent.Timeout(timeout)
+    timer.start()
+    return timer
+
+
+def _body_error_text(exc: Exception) -> str:
+    if isinstance(exc, NoMoreData):
+        return "it ended before its last chunk"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _stop_reading(environ) -> None:
+    """Make gunicorn close the connection after the error response: it would otherwise read
+    the rest of the body (at the caller's pace, or from a broken framing) to reach the next
+    request. With reading shut down it finds the end at once and closes."""
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RD)
+    except OSError:
+        pass  # already gone
+
+
+def _read_body(environ, limit: int) -> bytes:
     stream = environ["wsgi.input"]
     length = environ.get("CONTENT_LENGTH")
     if length:
@@ -142,7 +205,7 @@ def read_body(environ, limit: int) -> bytes:
             raise GatewayError(413, f"request body of {size} bytes exceeds the {limit}-byte limit")
         body = stream.read(size) if size else b""
         if len(body) != size:
-            raise GatewayError(400, "request body ended before Content-Length bytes arrived")
+            raise GatewayError(400, "request body ended before Content-Length bytes arrived", headers=_CLOSE)
         return body
     if "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower() and not environ.get("wsgi.input_terminated"):
         return b""

@@ -1,0 +1,162 @@
+"""The top-level fields of a JSON request body, without building the whole document.
+
+Admission needs only a few top-level fields: `model` (the key's model list), `user` (the end
+user), `previous_response_id` (replica stickiness) and, for the usage estimate, how much prompt
+text there is. `json.loads` of a 60 MiB `{"a":[{},{},...],"model":"m"}` took ~1.5 GB and 4 s to
+answer that. Small bodies still go through `json.loads` (fast, and what vLLM's FastAPI does);
+larger ones are decoded by msgspec into a struct of `msgspec.Raw` slices: its C decoder skips
+every other field without building it, and a Raw is a view of the body, not a copy
+(60 MiB of `{},` in ~0.12 s, no memory beyond the body).
+
+The answer is the one `json.loads` gives wherever vLLM would accept the body: duplicate keys,
+the last wins; escaped key names (`"mod\\u0065l"`) are decoded; invalid JSON or trailing garbage
+give None. Where msgspec is stricter it gives None, which the model check refuses: NaN/Infinity,
+a lone surrogate escape, a UTF-8 BOM, UTF-16/32 bodies. It does not check the UTF-8 of strings it
+skips; vLLM refuses such a body whole, so nothing reaches a model.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import msgspec
+
+# Up to here json.loads is used: its worst case (a body of `{},{},...`) stays within ~30 MB.
+SMALL_BODY = 1 << 20
+# The prompt fields are counted exactly while they hold at most this many elements (array
+# items plus message content parts, bounded by their commas): one small Raw object each, a few
+# MB at most. Past it the prompt is sized by its bytes, which never under-counts.
+MAX_COUNTED_ELEMENTS = 50_000
+# The top-level scalars admission reads.
+SCALARS = ("model", "user", "previous_response_id")
+# Matches when an array holds at least MAX_COUNTED_ELEMENTS commas, without copying it.
+_TOO_MANY_ELEMENTS = re.compile(rb"(?:[^,]*,){%d}" % MAX_COUNTED_ELEMENTS)
+
+
+class _Body(msgspec.Struct):
+    """The top-level fields admission reads; msgspec skips all others."""
+    model: msgspec.Raw = msgspec.UNSET
+    user: msgspec.Raw = msgspec.UNSET
+    previous_response_id: msgspec.Raw = msgspec.UNSET
+    prompt: msgspec.Raw = msgspec.UNSET
+    input: msgspec.Raw = msgspec.UNSET
+    messages: msgspec.Raw = msgspec.UNSET
+
+
+class _Message(msgspec.Struct):
+    content: msgspec.Raw = msgspec.UNSET
+
+
+class _Part(msgspec.Struct):
+    text: msgspec.Raw = msgspec.UNSET
+
+
+_decode_body = msgspec.json.Decoder(_Body).decode
+_decode_message = msgspec.json.Decoder(_Message).decode
+_decode_part = msgspec.json.Decoder(_Part).decode
+_decode_list = msgspec.json.Decoder(list[msgspec.Raw]).decode
+
+
+class LeanFields(dict):
+    """The `SCALARS` of a large body, and what the usage estimate needs in place of the prompt:
+    `prompt_chars`, the characters `estimate_prompt_tokens` would count in `prompt`/`input` and
+    in the messages' text, and `message_count`, the number of messages it adds overhead for."""
+
+    def __init__(self):
+        super().__init__()
+        self.prompt_chars = 0
+        self.message_count = 0
+
+
+def top_level_fields(body: bytes) -> dict | None:
+    """The body's top-level fields when it is a JSON object, else None.
+
+    A small body gives every field (`json.loads`); a large one a `LeanFields`."""
+    if len(body) <= SMALL_BODY:
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
+            return None
+        return payload if isinstance(payload, dict) else None
+    try:
+        parsed = _decode_body(body)
+        fields = LeanFields()
+        for name in SCALARS:
+            raw = getattr(parsed, name)
+            if raw is not msgspec.UNSET:
+                fields[name] = _scalar(raw)
+        prompt = parsed.prompt if parsed.prompt is not msgspec.UNSET else parsed.input
+        fields.prompt_chars = _prompt_chars(prompt)
+        fields.message_count, message_chars = _messages(parsed.messages)
+        fields.prompt_chars += message_chars
+    # DecodeError includes ValidationError: a body that is not an object.
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+    return fields
+
+
+def _first(raw) -> bytes:
+    """The first byte of a Raw value: which kind of JSON value it is (b"" when unset)."""
+    return b"" if raw is msgspec.UNSET else bytes(memoryview(raw)[:1])
+
+
+def _size(raw) -> int:
+    return memoryview(raw).nbytes
+
+
+def _scalar(raw: msgspec.Raw):
+    """A JSON scalar's value; None for a container (never built: for admission a container
+    where a string belongs is as unreadable as null)."""
+    if _first(raw) in (b"{", b"["):
+        return None
+    return msgspec.json.decode(raw)
+
+
+def _string_length(raw) -> int:
+    """The characters of a JSON string; 0 for any other value."""
+    if _first(raw) != b'"':
+        return 0
+    return len(msgspec.json.decode(raw, type=str))
+
+
+def _elements(raw) -> list | None:
+    """The elements (as Raw) of a JSON array small enough to count; None for anything else."""
+    if _first(raw) != b"[" or _TOO_MANY_ELEMENTS.match(memoryview(raw)):
+        return None
+    return _decode_list(raw)
+
+
+def _prompt_chars(raw) -> int:
+    """`prompt`/`input`: a string's length, or the lengths of an array's strings."""
+    if _first(raw) != b"[":
+        return _string_length(raw)
+    items = _elements(raw)
+    if items is None:
+        return _size(raw)
+    return sum(_string_length(item) for item in items)
+
+
+def _messages(raw) -> tuple[int, int]:
+    """The number of messages and the characters of their text content."""
+    if _first(raw) != b"[":
+        return 0, 0
+    items = _elements(raw)
+    if items is None:
+        # Too many to count one by one: every message is at least `{}`, and its text at most
+        # its bytes.
+        return 0, _size(raw)
+    chars = 0
+    for item in items:
+        if _first(item) == b"{":
+            chars += _content_chars(_decode_message(item).content)
+    return len(items), chars
+
+
+def _content_chars(raw) -> int:
+    """A message's `content`: a string's length, or the lengths of its parts' `text`."""
+    if _first(raw) != b"[":
+        return _string_length(raw)
+    parts = _elements(raw)
+    if parts is None:
+        return _size(raw)
+    return sum(_string_length(_decode_part(part).text) for part in parts if _first(part) == b"{")
