@@ -11,6 +11,7 @@ import base64
 import errno
 import gzip
 import hmac
+import re
 import threading
 import time
 from http import HTTPStatus
@@ -321,12 +322,25 @@ class FakeVLLM:
         with self._cond:
             while True:
                 for event in self.events:
-                    if all(_as_text(event.get(k)) == v for k, v in want.items()):
+                    if all(_matches(k, _as_text(event.get(k)), v) for k, v in want.items()):
                         return H.json_resp(event)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return H.json_resp({"timeout": True}, 408)
                 self._cond.wait(remaining)
+
+
+# A gateway in front appends "-<12 hex>" to a caller's X-Request-Id (unique per request).
+_GATEWAY_SUFFIX = re.compile(r"-[0-9a-f]{12}")
+
+
+def _matches(field, value, wanted):
+    """An event field equals the wanted value; a request id also matches with the suffix a
+    gateway in front appended, so tests can wait on the id they sent."""
+    if value == wanted:
+        return True
+    return (field == "request_id" and value is not None and value.startswith(wanted)
+            and _GATEWAY_SUFFIX.fullmatch(value[len(wanted):]) is not None)
 
 
 def _as_text(value):

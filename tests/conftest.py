@@ -131,6 +131,12 @@ def wait_until(predicate, timeout=5.0):
     return predicate()
 
 
+def sent_for(upstream_id: str | None, caller_id: str) -> bool:
+    """True when vLLM's request id is the one the gateway derived from the caller's X-Request-Id
+    (the caller's id plus "-" and 12 hex digits, unique per request)."""
+    return upstream_id is not None and re.fullmatch(re.escape(caller_id) + r"-[0-9a-f]{12}", upstream_id) is not None
+
+
 def header(recorded: dict, name: str):
     """All values of header `name` in a recorded request (case-insensitive)."""
     return [v for k, v in recorded["headers"] if k.lower() == name.lower()]
@@ -155,6 +161,7 @@ def gateway_environ(vllm_url: str, **extra) -> dict:
         "HOSTED_VLLM_API_BASE": vllm_url,
         "HOSTED_VLLM_API_KEY": UPSTREAM_KEY,
         "LITELLM_MASTER_KEY": MASTER_KEY,
+        "ALLOW_EPHEMERAL_KEYSTORE": "1",  # tests without REDIS_URL use the in-process store
     }
     env.update({k: str(v) for k, v in extra.items()})
     return env

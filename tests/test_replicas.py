@@ -1,5 +1,7 @@
 """Several vLLM replicas behind /vllm: balance, failover, stickiness, readiness."""
 
+import re
+
 import pytest
 import requests
 
@@ -12,6 +14,7 @@ from tests.conftest import (
     free_port,
     gateway_environ,
     open_raw_stream,
+    sent_for,
 )
 
 
@@ -159,7 +162,7 @@ def test_no_retry_once_the_response_started(two, start_gateway):
             pass
     except requests.exceptions.ChunkedEncodingError:
         pass
-    sent = [x for f in (a, b) for x in f.requests() if x["request_id"] == "once-1"]
+    sent = [x for f in (a, b) for x in f.requests() if sent_for(x["request_id"], "once-1")]
     assert len(sent) == 1
 
 
@@ -173,9 +176,9 @@ def test_responses_follow_ups_stick_to_the_creating_replica(two, start_gateway, 
         r = requests.post(gw.url + "/vllm/v1/responses", headers={**MASTER, "X-Request-Id": f"stick-{i}"},
                           json={"model": "fake-model", "input": "hi", "store": True, "stream": i % 2 == 0})
         assert r.status_code == 200
-        rid = f"resp_stick-{i}"   # the fake, like vLLM, derives the id from X-Request-Id
-        assert rid in r.text
-        creators[rid] = next(f for f in (a, b) if any(x["request_id"] == f"stick-{i}" for x in f.requests()))
+        # The fake, like vLLM, derives the response id from the X-Request-Id the gateway sent.
+        rid = re.search(r'"id": ?"(resp_stick-[^"]+)"', r.text).group(1)
+        creators[rid] = next(f for f in (a, b) if any(sent_for(x["request_id"], f"stick-{i}") for x in f.requests()))
     assert {id(f) for f in creators.values()} == {id(a), id(b)}  # creations were spread over both
     for rid, creator in creators.items():
         for follow_up in (f"/v1/responses/{rid}", f"/v1/responses/{rid}/cancel"):
@@ -185,7 +188,7 @@ def test_responses_follow_ups_stick_to_the_creating_replica(two, start_gateway, 
                           json={"model": "fake-model", "input": "more", "previous_response_id": rid})
         assert r.status_code == 200
         for f in (a, b):
-            touched = any(x["path"].startswith(f"/v1/responses/{rid}") or x["request_id"] == f"next-{rid}"
+            touched = any(x["path"].startswith(f"/v1/responses/{rid}") or sent_for(x["request_id"], f"next-{rid}")
                           for x in f.requests())
             assert touched == (f is creator), rid
 

@@ -39,11 +39,19 @@ def request_id_for(environ) -> str:
     return secrets.token_hex(16)
 
 
+def upstream_request_id(request_id: str, chosen_by_caller: bool) -> str:
+    """The id vLLM gets. vLLM makes X-Request-Id its engine request id, so two tenants sending
+    the same id would collide inside vLLM: a caller's id gets a random suffix (it still starts
+    with the caller's id, so logs match); an id the gateway made up is unique already."""
+    return f"{request_id}-{secrets.token_hex(6)}" if chosen_by_caller else request_id
+
+
 class RequestRecord:
     """What one request did; filled in along the way, written when the response closes."""
 
     __slots__ = ("start", "wall", "request_id", "method", "path", "status", "upstream_status",
-                 "ttfb", "bytes_in", "bytes_out", "stream", "caller", "error", "extra", "route", "observer")
+                 "ttfb", "bytes_in", "bytes_out", "stream", "caller", "error", "extra", "route", "observer",
+                 "upstream_id")
 
     def __init__(self, method: str, path: str, route: str | None = None, observer=None):
         self.start = time.monotonic()
@@ -51,6 +59,7 @@ class RequestRecord:
         self.method = method
         self.path = path
         self.request_id = None
+        self.upstream_id = None  # the id vLLM saw, when it differs from request_id
         self.status = None
         self.upstream_status = None
         self.ttfb = None
@@ -81,6 +90,8 @@ class RequestRecord:
             "error": self.error,
             "worker": os.getpid(),
         }
+        if self.upstream_id is not None:
+            line["upstream_request_id"] = self.upstream_id
         if self.extra:
             line.update(self.extra)
         return line

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Callable, Iterable
 
+from gateway.core.accesslog import upstream_request_id
 from gateway.core.errors import GatewayError
 from gateway.core.metrics import route_group
 from gateway.keys import policy
 from gateway.keys.fields import encodable
+from gateway.relay.disconnect import interrupt_wait_on_hang_up
 from gateway.relay.replicas import creates_response, response_id_in, sticky_id
 from gateway.relay.response import RelayedBody, read_small_body, response_headers
 from gateway.relay.target import PREFIX, forward_headers, read_body, vllm_target
@@ -155,12 +157,13 @@ class Passthrough:
     """Forwards `/vllm/<path>` to vLLM untranslated; one instance per worker."""
 
     def __init__(self, replicas, upstream_auth: str | None, authenticator, max_body_bytes: int,
-                 accounting, limiter, metrics):
+                 accounting, limiter, metrics, body_timeout: float = 30.0):
         self.metrics = metrics
         self.replicas = replicas
         self.upstream_auth = upstream_auth
         self.authenticator = authenticator
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
         self.accounting = accounting
         self.limiter = limiter
 
@@ -175,10 +178,15 @@ class Passthrough:
         resp = None
         try:
             body = self._admit(environ, exchange)
-            headers = forward_headers(environ, record.request_id, self.upstream_auth)
+            headers = forward_headers(environ, self._upstream_id(environ, record), self.upstream_auth)
             replicas = self.replicas
             response_id = None if replicas.single else sticky_id(method, path, exchange.fields)
-            exchange.replica, resp = replicas.send(method, path, query, headers, body, response_id)
+            stop_watching = interrupt_wait_on_hang_up(environ.get("gunicorn.socket"))
+            try:
+                exchange.replica, resp = replicas.send(method, path, query, headers, body, response_id)
+            finally:
+                if stop_watching is not None:
+                    stop_watching()
             exchange.capture_id = not replicas.single and creates_response(method, path)
             return self._answer(resp, method, exchange, environ.get("gunicorn.socket"))
         except Exception as exc:
@@ -194,34 +202,53 @@ class Passthrough:
             exchange.finish(status=status)
             raise
 
+    @staticmethod
+    def _upstream_id(environ, record) -> str:
+        upstream_id = upstream_request_id(record.request_id,
+                                          environ.get("HTTP_X_REQUEST_ID") == record.request_id)
+        if upstream_id != record.request_id:
+            record.upstream_id = upstream_id
+        return upstream_id
+
     def _admit(self, environ, exchange) -> bytes:
-        """Route policy, body, model list, budget and rate limits; the body when admitted."""
+        """Admission in order of cost: what needs only the headers (route policy, budget, rate
+        limits) before the body is read; the body's model last, and a request it refuses gives
+        its rate-limit count back (LiteLLM #39309). Returns the body when admitted."""
         identity, record = exchange.identity, exchange.record
         key = identity.key
         if key is not None:
             policy.check_route(policy.policy_path(exchange.path), key)
-        body = read_body(environ, self.max_body_bytes)
+            self._check_budget(key, identity.budget)
+            if self.limiter.applies(key):
+                exchange.slot = self.limiter.acquire(identity.token, key, record.request_id)
+        body = read_body(environ, self.max_body_bytes, self.body_timeout)
         record.bytes_in = len(body)
         exchange.fields = request_fields(body, environ.get("CONTENT_TYPE"), forms=bool(key and key.get("models")))
         exchange.end_user = end_user_of(environ, exchange.fields)
-        if key is None:
-            return body
-        policy.check_model(exchange.fields, key, bool(body))
-        max_budget = key.get("max_budget")
-        if max_budget is not None:
-            spent = current_budget_spend(key, identity.budget, time.time())
-            if spent >= max_budget:
-                raise GatewayError(400, f"Budget has been exceeded: spend {spent:.6f} >= max_budget "
-                                        f"{max_budget:.6f}", "budget_exceeded")
-        if self.limiter.applies(key):
-            exchange.slot = self.limiter.acquire(identity.token, key, record.request_id)
+        if key is not None:
+            try:
+                policy.check_model(exchange.fields, key, bool(body))
+            except GatewayError:
+                if exchange.slot is not None:
+                    self.limiter.refund(exchange.slot)
+                raise
         return body
+
+    @staticmethod
+    def _check_budget(key: dict, budget: tuple) -> None:
+        max_budget = key.get("max_budget")
+        if max_budget is None:
+            return
+        spent = current_budget_spend(key, budget, time.time())
+        if spent >= max_budget:
+            raise GatewayError(400, f"Budget has been exceeded: spend {spent:.6f} >= max_budget "
+                                    f"{max_budget:.6f}", "budget_exceeded")
 
     def _answer(self, resp, method: str, exchange, client_socket=None) -> Relayed:
         """vLLM's status and headers, and its body: bytes when short, else a RelayedBody."""
         record = exchange.record
         record.upstream_status = resp.status_code
-        headers = response_headers(resp)
+        headers = response_headers(resp, exchange.replica.upstream)
         if exchange.slot is not None:
             headers.extend(exchange.slot.headers.items())
         status_line = status_text(resp.status_code, resp.raw.reason)

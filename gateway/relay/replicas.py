@@ -130,6 +130,8 @@ class Replicas:
                 resp = upstream.send(method, (upstream.base_path + path or "/") + query, headers, body)
             except GatewayError as exc:
                 replica.inflight -= 1
+                if exc.kind == "client_gone":  # the caller's doing, not the replica's
+                    raise
                 replica.last_error = exc.message
                 if self.on_error is not None:
                     self.on_error(exc.kind or "error", replica.name)

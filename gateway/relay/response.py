@@ -24,14 +24,30 @@ READ_SIZE = 64 * 1024
 BODY_ERRORS = (Urllib3Error, OSError, ValueError, http.client.HTTPException)
 
 
-def response_headers(resp) -> list[tuple[str, str]]:
+_LOCATIONS = ("location", "content-location")
+
+
+def response_headers(resp, upstream) -> list[tuple[str, str]]:
     """vLLM's headers, duplicates and order kept, minus hop-by-hop ones (and those named in
-    Connection) and its X-Request-Id (the gateway sets its own)."""
+    Connection) and its X-Request-Id (the gateway sets its own). Nothing of vLLM's secrets goes
+    out: a header holding the upstream key is dropped, and a Location naming vLLM's internal
+    address is rewritten to the gateway's /vllm path."""
     raw = resp.raw.headers
     connection = raw.get("connection")
     named = {t.strip().lower() for t in connection.split(",")} if connection else ()
-    out = [(k, v) for k, v in raw.iteritems()
-           if not is_hop_by_hop_header(k) and k.lower() not in named and k.lower() != "x-request-id"]
+    secret = upstream.api_key
+    out = []
+    for name, value in raw.iteritems():
+        lower = name.lower()
+        if is_hop_by_hop_header(name) or lower in named or lower == "x-request-id":
+            continue
+        if secret and secret in value:
+            continue
+        if lower in _LOCATIONS:
+            value = upstream.public_location(value)
+            if value is None:
+                continue
+        out.append((name, value))
     if raw.get("content-type", "").startswith("text/event-stream"):
         out.append(("X-Accel-Buffering", "no"))  # nginx would otherwise buffer the SSE stream
     return out

@@ -16,6 +16,8 @@ from urllib3.util import SKIP_HEADER
 
 from gateway.core.errors import GatewayError
 from gateway.core.runtime import gevent_patched
+from gateway.relay.disconnect import CallerGone
+from gateway.relay.target import PREFIX
 
 _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
 
@@ -34,6 +36,7 @@ class Upstream:
         self.base_path = parts.path
         self.origin = f"{parts.scheme}://{parts.netloc}"
         self.session = session
+        self.api_key = api_key
         self.auth_header = f"Bearer {api_key}" if api_key else None
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.timeout = (connect_timeout, read_timeout)
@@ -68,6 +71,8 @@ class Upstream:
         except requests.ReadTimeout:
             raise GatewayError(504, f"vLLM did not answer within {self.read_timeout:g}s",
                                kind="read_timeout") from None
+        except CallerGone:
+            raise GatewayError(499, "client disconnected before vLLM answered", kind="client_gone") from None
         except HeadTimeout:
             raise GatewayError(502, f"vLLM did not finish its response head within {self.head_timeout:g}s",
                                kind="head_timeout") from None
@@ -83,6 +88,23 @@ class Upstream:
         finally:
             if deadline is not None:
                 deadline.close()
+
+    def public_location(self, value: str) -> str | None:
+        """A Location vLLM sent, as the caller must see it: a URL on vLLM's internal address
+        becomes the gateway's `/vllm/...`; one outside the base cannot be followed through the
+        gateway and is dropped (None); anything else (another host, a relative path) stays."""
+        parts = urlsplit(value)
+        if parts.scheme or parts.netloc:
+            if f"{parts.scheme}://{parts.netloc}".lower() != self.origin.lower():
+                return value
+        elif not value.startswith("/"):
+            return value
+        base_path = self.base_path.rstrip("/")
+        path = parts.path or "/"
+        if base_path and path != base_path and not path.startswith(base_path + "/"):
+            return None
+        rest = path[len(base_path):]
+        return PREFIX + rest + (f"?{parts.query}" if parts.query else "") + (f"#{parts.fragment}" if parts.fragment else "")
 
     def _start_head_deadline(self):
         """A total deadline for the response head (HeadTimeout is raised where the request

@@ -1,7 +1,7 @@
 """One JSON line per request on stdout, with no secrets in it."""
 import requests
 
-from tests.conftest import MASTER, MASTER_KEY, UPSTREAM_KEY
+from tests.conftest import MASTER, MASTER_KEY, UPSTREAM_KEY, sent_for, wait_until
 
 FIELDS = {"time", "request_id", "method", "path", "status", "upstream_status", "duration_ms",
           "ttfb_ms", "bytes_in", "bytes_out", "stream", "caller", "error"}
@@ -35,3 +35,22 @@ def test_stream_logged_when_it_ends(gateway, vllm):
     gateway.stdout.wait_for('"request_id":"log-s"')
     line = next(line for line in gateway.access_lines() if line["request_id"] == "log-s")
     assert line["stream"] is True and line["bytes_out"] == len(body) and line["error"] is None
+
+
+def test_a_callers_request_id_is_made_unique_before_it_reaches_vllm(gateway, vllm):
+    """vLLM makes X-Request-Id its engine request id: two tenants sending the same id must not
+    collide there. Each gets its own id back; vLLM sees the id plus a per-request suffix, and
+    the log line names both."""
+    chat = {"model": "fake-model", "messages": [{"role": "user", "content": "x"}]}
+    replies = [requests.post(gateway.url + "/vllm/v1/chat/completions", json=chat,
+                             headers={**MASTER, "X-Request-Id": "same-id-1"}) for _ in range(2)]
+    assert [r.headers["X-Request-Id"] for r in replies] == ["same-id-1", "same-id-1"]
+    seen = [x["request_id"] for x in vllm.requests() if x["request_id"].startswith("same-id-1")]
+    assert len(seen) == 2 and len(set(seen)) == 2 and all(sent_for(s, "same-id-1") for s in seen)
+    gateway.stdout.wait_for('"request_id":"same-id-1"')
+    assert wait_until(lambda: len([x for x in gateway.access_lines() if x["request_id"] == "same-id-1"]) == 2)
+    logged = {x["upstream_request_id"] for x in gateway.access_lines() if x["request_id"] == "same-id-1"}
+    assert logged == set(seen)
+    # An id the gateway made up is unique already and goes to vLLM as it is.
+    own = requests.get(gateway.url + "/vllm/v1/models", headers=MASTER).headers["X-Request-Id"]
+    assert own in [x["request_id"] for x in vllm.requests()]

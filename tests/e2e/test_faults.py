@@ -1,6 +1,8 @@
 """Faults, each against a real gunicorn gevent gateway, a real Redis and the fake vLLM."""
+import json
 import shutil
 import signal
+import socket
 import subprocess
 
 import pytest
@@ -8,10 +10,12 @@ import requests
 
 from tests.conftest import (
     MASTER,
+    MASTER_KEY,
     TEST_PRICES,
     free_port,
     gateway_environ,
     open_raw_stream,
+    sent_for,
     wait_until,
 )
 
@@ -33,6 +37,26 @@ def test_vllm_that_never_answers_is_504_and_is_hung_up_on(vllm, start_gateway):
     assert resp.json()["error"]["message"] == "vLLM did not answer within 1s"
     status, event = vllm.wait_event("hang_ended", "hang-1", timeout=5)
     assert status == 200 and event["reason"] == "client_gone"
+
+
+def test_client_leaving_before_vllm_answers_aborts_the_upstream_within_a_second(vllm, start_gateway):
+    """A long prefill: vLLM has not sent its head yet when the caller hangs up. The upstream
+    request is closed at once (vLLM aborts it), not left running until the read timeout."""
+    gw = start_gateway(gateway_environ(vllm.url))  # read timeout: the default 600 s
+    body = json.dumps(CHAT).encode()
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    s.sendall(b"POST /vllm/v1/chat/completions HTTP/1.1\r\nHost: gw\r\nX-Request-Id: prefill-1\r\n"
+              + f"Authorization: Bearer {MASTER_KEY}\r\nx-fake-hang: 1\r\nContent-Type: application/json\r\n".encode()
+              + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    assert wait_until(lambda: any(sent_for(x["request_id"], "prefill-1") for x in vllm.requests()))
+    s.close()
+    status, event = vllm.wait_event("hang_ended", "prefill-1", timeout=1.0)
+    assert status == 200 and event["reason"] == "client_gone", "vLLM was not hung up on within a second"
+    gw.stdout.wait_for('"request_id":"prefill-1"')
+    line = next(x for x in gw.access_lines() if x["request_id"] == "prefill-1")
+    assert line["status"] == 499 and line["error"] == "client disconnected before vLLM answered"
+    # the replica is not blamed for the caller's hang-up
+    assert requests.get(gw.url + "/health/readiness", headers=MASTER).status_code == 200
 
 
 def test_client_leaving_during_a_silence_closes_the_upstream_within_a_second(vllm, start_gateway):

@@ -66,7 +66,7 @@ class RealVLLM:
 
     def wait_aborted(self, request_id: str, timeout: float) -> None:
         """Block until vLLM logs that it aborted the request (vLLM names it chatcmpl-<our id>)."""
-        self.out.wait_for(r"Request \S*" + re.escape(request_id) + r" aborted", timeout=timeout)
+        self.out.wait_for(r"Request \S*" + re.escape(request_id) + r"\S* aborted", timeout=timeout)
 
     def metric(self, name: str, **labels) -> float:
         """Sum of a Prometheus series on vLLM's /metrics (over the labels not given)."""
