@@ -37,6 +37,41 @@ def route_group(vllm_path: str) -> str:
     return "other"
 
 
+# Label values a caller can choose are bounded, so no caller (with or without a key) can
+# create series at will: methods outside HTTP's registered set, statuses outside 100-599 and
+# names past a per-worker budget all share one "other" series.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
+MAX_KEY_ALIAS_LABELS = 1000
+MAX_MODEL_LABELS = 100
+OTHER = "other"
+
+
+def method_label(method: str) -> str:
+    return method if method in HTTP_METHODS else OTHER
+
+
+def status_label(status) -> str:
+    return str(status) if isinstance(status, int) and 100 <= status <= 599 else OTHER
+
+
+class LabelBudget:
+    """The first `limit` distinct values pass as they are; later new ones become "other"."""
+
+    __slots__ = ("limit", "seen")
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.seen = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self.seen:
+            return value
+        if len(self.seen) >= self.limit:
+            return OTHER
+        self.seen.add(value)
+        return value
+
+
 def _cached(metric):
     children = {}
 
@@ -72,11 +107,13 @@ class Metrics:
                                       ["key_alias", "model", "type"], registry=r))
         self.spend = _cached(Counter("vgw_spend_total", "Spend, by key alias and model",
                                      ["key_alias", "model"], registry=r))
+        self.key_alias_label = LabelBudget(MAX_KEY_ALIAS_LABELS)
+        self.model_label = LabelBudget(MAX_MODEL_LABELS)
 
     # -- hooks ------------------------------------------------------------------------------
     def observe_request(self, record, duration: float) -> None:
         route = record.route or "other"
-        self.requests(route, record.method, str(record.status)).inc()
+        self.requests(route, method_label(record.method), status_label(record.status)).inc()
         self.latency(route).observe(duration)
         if record.ttfb is not None:
             self.ttfb(route).observe(record.ttfb - record.start)
@@ -94,6 +131,9 @@ class Metrics:
             self.budget_rejections.inc()
 
     def usage(self, key_alias: str, model: str, prompt: int, completion: int, spend: float) -> None:
+        if not (prompt or completion or spend):
+            return
+        key_alias, model = self.key_alias_label(key_alias), self.model_label(model)
         if prompt:
             self.tokens(key_alias, model, "prompt").inc(prompt)
         if completion:
