@@ -2,8 +2,10 @@
 
 Non-stream JSON: the `usage` object. SSE: the last non-null `usage` (sent when the request
 asked for `stream_options.include_usage`, or in the Responses API's `response.completed`);
-without one, every event carrying output is counted as one token and the result is marked
-`estimated` (vLLM may merge several tokens into one event, so this can only under-count).
+without one, the output is estimated and the result is marked `estimated`: every event that
+carries output (visible text, reasoning, tool-call arguments) counts at least one token, and an
+event whose text is longer than one token (vLLM merges deltas when the client reads slowly)
+counts a token per 4 characters. For exact figures run vLLM with `--enable-force-include-usage`.
 """
 from __future__ import annotations
 
@@ -17,9 +19,14 @@ _MAX_EVENT = 1024 * 1024         # an SSE event larger than this is skipped, not
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
 _USAGE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})')
 # An event that carries generated output: a non-empty `choices` array (chat, completions), or a
-# Responses API text delta. Every such event counts, visible text or not: vLLM sends a token
-# that ends inside a UTF-8 character as an event with empty text.
-_CHOICE = re.compile(rb'"choices"\s*:\s*\[\s*\{|"type"\s*:\s*"response\.output_text\.delta"')
+# Responses API delta (output text, reasoning, tool-call arguments, ...). Every such event counts,
+# visible text or not: vLLM sends a token that ends inside a UTF-8 character with empty text.
+_CHOICE = re.compile(rb'"choices"\s*:\s*\[\s*\{|"type"\s*:\s*"response\.[a-z_.]*delta"')
+# The generated text an output event carries, whatever kind it is: chat `content`, vLLM's
+# `reasoning_content`/`reasoning`, tool-call `arguments`, completions' `text`, Responses `delta`.
+_OUTPUT_TEXT = re.compile(rb'"(?:content|reasoning_content|reasoning|arguments|text|delta|refusal)"'
+                          rb'\s*:\s*"((?:[^"\\]|\\.)*)"')
+_CHARS_PER_TOKEN = 4
 # Choice events that carry no token: the first chat event, which only announces the role
 # ({"role": "assistant", "content": ""}), and a closing event with an empty delta.
 _NO_TOKEN = re.compile(rb'"delta"\s*:\s*\{\s*(?:\}|"role"\s*:\s*"[a-z]+"\s*(?:,\s*"content"\s*:\s*""\s*)?\})')
@@ -85,6 +92,8 @@ def estimate_prompt_tokens(fields: dict | None) -> int:
     """A rough count (4 characters a token) for when vLLM does not report usage."""
     if not fields:
         return 0
+    if hasattr(fields, "prompt_chars"):  # a large body, measured while its fields were read
+        return (fields.prompt_chars + 4 * _TOKENS_PER_MESSAGE * fields.message_count + 3) // 4
     chars = 0
     prompt = fields.get("prompt", fields.get("input"))
     if isinstance(prompt, str):
@@ -155,7 +164,8 @@ class UsageTap:
                 if tokens is not None:
                     self.usage = tokens
         if _CHOICE.search(event) and not _NO_TOKEN.search(event):
-            self.events += 1
+            chars = sum(len(text) for text in _OUTPUT_TEXT.findall(event))
+            self.events += max(1, chars // _CHARS_PER_TOKEN)
 
     def result(self, request_fields: dict | None) -> Usage:
         request_model = request_fields.get("model") if request_fields else None

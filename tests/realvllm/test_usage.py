@@ -45,19 +45,22 @@ def test_stream_with_include_usage_is_exact(real_gateway, calls):
 
 
 def test_stream_without_usage_is_estimated_from_every_choice_event(real_gateway, real_vllm, calls):
-    """vLLM merges deltas and some carry no visible text: every choice event counts."""
+    """vLLM merges deltas and some carry no visible text: every choice event counts at least
+    one token, and a merged one a token per 4 characters of its text."""
     request_id = rid()
     body = {**CHAT, "max_tokens": 60, "stream": True}
     events = sse_events(post(real_gateway.url, calls.new_key(), body, request_id).content)
     choice_events = [e for e in events if e.get("choices") and "role" not in e["choices"][0].get("delta", {})]
     entry = calls.spend_entry(request_id)
     assert entry["estimated"] is True
-    assert entry["completion_tokens"] == len(choice_events)
+    texts = [e["choices"][0]["delta"].get("content") or "" for e in choice_events]
+    assert entry["completion_tokens"] == sum(max(1, len(json.dumps(t, ensure_ascii=False)[1:-1].encode()) // 4)
+                                          for t in texts)  # the text as it is on the wire
     true_prompt = real_vllm.post("/tokenize", json={"model": MODEL, "messages": CHAT["messages"]}).json()["count"]
     # Reported, not asserted: how far the estimate is from the truth on this engine.
     print(f"\nestimate vs truth: completion {entry['completion_tokens']}/60, "
           f"prompt {entry['prompt_tokens']}/{true_prompt}")
-    assert 0 < entry["completion_tokens"] <= 60 and entry["prompt_tokens"] > 0
+    assert len(choice_events) <= entry["completion_tokens"] <= 2 * 60 and entry["prompt_tokens"] > 0
 
 
 @pytest.fixture(scope="module")

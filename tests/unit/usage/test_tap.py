@@ -74,3 +74,35 @@ def test_non_json_body_counts_nothing():
     tap.feed(b"vllm:num_requests_running 0\n")
     usage = tap.result(None)
     assert usage.total_tokens == 0 and not usage.estimated
+
+
+def _estimate(*events) -> int:
+    tap = UsageTap("text/event-stream", "")
+    tap.feed(sse(*events, b"[DONE]"))
+    usage = tap.result(None)
+    assert usage.estimated is True
+    return usage.completion_tokens
+
+
+def test_reasoning_deltas_are_counted():
+    reasoning = {**CHUNK, "choices": [{"index": 0, "delta": {"reasoning_content": "hmm"}}]}
+    also = {**CHUNK, "choices": [{"index": 0, "delta": {"reasoning": "so"}}]}
+    assert _estimate(*[reasoning] * 1000, *[also] * 1000, CHUNK) == 2001
+
+
+def test_tool_call_argument_deltas_are_counted():
+    call = {**CHUNK, "choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "function": {"arguments": '{"ci'}}]}}]}
+    assert _estimate(*[call] * 500) == 500
+
+
+def test_responses_api_reasoning_and_function_call_deltas_are_counted():
+    events = [b'{"type":"response.reasoning_text.delta","delta":"th"}',
+              b'{"type":"response.function_call_arguments.delta","delta":"{\\"a"}',
+              b'{"type":"response.output_text.delta","delta":"ok"}']
+    assert _estimate(*events * 100) == 300
+
+
+def test_a_merged_delta_counts_a_token_per_four_characters():
+    merged = {**CHUNK, "choices": [{"index": 0, "delta": {"content": "x" * 400}}]}
+    assert _estimate(merged) == 100
