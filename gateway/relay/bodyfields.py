@@ -1,4 +1,4 @@
-"""The top-level fields of a JSON request body, without building the whole document.
+"""The top-level fields of a request body (JSON, or a multipart form), as vLLM would read them.
 
 Admission needs only a few top-level fields: `model` (the key's model list), `user` (the end
 user), `previous_response_id` (replica stickiness) and, for the usage estimate, how much prompt
@@ -13,6 +13,8 @@ the last wins; escaped key names (`"mod\\u0065l"`) are decoded; invalid JSON or 
 give None. Where msgspec is stricter it gives None, which the model check refuses: NaN/Infinity,
 a lone surrogate escape, a UTF-8 BOM, UTF-16/32 bodies. It does not check the UTF-8 of strings it
 skips; vLLM refuses such a body whole, so nothing reaches a model.
+
+Multipart forms are read with python-multipart under Starlette's rules (what vLLM parses with).
 """
 from __future__ import annotations
 
@@ -160,3 +162,128 @@ def _content_chars(raw) -> int:
     if parts is None:
         return _size(raw)
     return sum(_string_length(_decode_part(part).text) for part in parts if _first(part) == b"{")
+
+
+def body_fields(body: bytes, content_type: str | None) -> dict | None:
+    """The top-level fields of a JSON object body or the text fields of a multipart form;
+    None when the body is neither (or unreadable). Large JSON bodies give a `LeanFields`."""
+    ctype = (content_type or "").lower()
+    if ctype.startswith("multipart/form-data"):
+        return _form_fields(body, content_type)
+    return top_level_fields(body)
+
+
+# Starlette's limit for one text part: vLLM refuses a form with a longer one.
+_MAX_TEXT_PART = 1024 * 1024
+# Form charsets read the same by every parser; any other is refused rather than guessed at
+# (with `charset=utf-7`, a part named `mo+AGQ-el` is "model" to Starlette, "mo+AGQ-el" to others).
+_PLAIN_CHARSETS = ("utf-8", "ascii")
+_FILE = object()  # a file part: never a text field's value
+
+
+def _form_fields(body: bytes, content_type: str) -> dict | None:
+    """The text fields of a multipart form, read as vLLM reads them: python-multipart's parser
+    with Starlette's rules (a part with a filename is a file; names and values decoded with the
+    form's charset, latin-1 when that fails). File contents are dropped as they are parsed.
+
+    A field sent twice with different values (or as a text and a file) is ambiguous: vLLM takes
+    the last, a naive reader the first. It is kept as a list, so a check that wants one string
+    refuses it."""
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    _, params = parse_options_header(content_type)
+    charset = _form_charset(params.get(b"charset", b"utf-8"))
+    boundary = params.get(b"boundary")
+    if charset is None or not boundary:
+        return None
+    form = _FormReader(charset)
+    try:
+        parser = MultipartParser(boundary, form.callbacks())
+        parser.write(body)
+        parser.finalize()
+    except Exception:  # python-multipart raises several types for malformed multipart
+        return None
+    if form.too_large:
+        return None
+    fields = {}
+    for name, values in form.values.items():
+        texts = [value for value in values if value is not _FILE]
+        if not texts:
+            continue  # only file parts: not a text field
+        if _FILE in values or len(set(texts)) > 1:
+            fields[name] = [None if value is _FILE else value for value in values]
+        else:
+            fields[name] = texts[0]
+    return fields
+
+
+def _form_charset(raw: bytes) -> str | None:
+    """The codec name of a form's charset parameter when it is a plain one, else None."""
+    import codecs
+
+    try:
+        name = codecs.lookup(raw.decode("latin-1")).name
+    except LookupError:
+        return None
+    return name if name in _PLAIN_CHARSETS else None
+
+
+class _FormReader:
+    """python-multipart callbacks keeping each part's name and, for text parts, its value."""
+
+    def __init__(self, charset: str):
+        self.charset = charset
+        self.values: dict[str, list] = {}
+        self.too_large = False
+        self._header_name = self._header_value = b""
+        self._disposition = b""
+        self._data = bytearray()
+        self._is_file = False
+        self._name = ""
+
+    def callbacks(self) -> dict:
+        return {"on_part_begin": self._part_begin, "on_part_data": self._part_data,
+                "on_part_end": self._part_end, "on_header_field": self._header_field,
+                "on_header_value": self._header_value_data, "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished}
+
+    def _decode(self, raw: bytes) -> str:
+        try:
+            return raw.decode(self.charset)
+        except UnicodeDecodeError:
+            return raw.decode("latin-1")  # Starlette's fallback
+
+    def _part_begin(self) -> None:
+        self._disposition, self._data, self._is_file = b"", bytearray(), False
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def _header_value_data(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _header_end(self) -> None:
+        if self._header_name.lower() == b"content-disposition":
+            self._disposition = self._header_value  # Starlette: the last one counts
+        self._header_name = self._header_value = b""
+
+    def _headers_finished(self) -> None:
+        from python_multipart.multipart import parse_options_header
+
+        _, options = parse_options_header(self._disposition)
+        if b"name" not in options:
+            raise ValueError("a form part without a name")  # Starlette refuses the form
+        self._name = self._decode(options[b"name"])
+        self._is_file = b"filename" in options
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._is_file:
+            return  # file contents are never a field: not kept
+        if len(self._data) + end - start > _MAX_TEXT_PART:
+            self.too_large = True
+            return
+        self._data += data[start:end]
+
+    def _part_end(self) -> None:
+        value = _FILE if self._is_file else self._decode(bytes(self._data))
+        self.values.setdefault(self._name, []).append(value)

@@ -18,6 +18,7 @@ from gateway.core.errors import GatewayError
 from gateway.core.metrics import route_group
 from gateway.keys import policy
 from gateway.keys.fields import encodable
+from gateway.relay.bodyfields import body_fields
 from gateway.relay.disconnect import interrupt_wait_on_hang_up
 from gateway.relay.replicas import creates_response, response_id_in, sticky_id
 from gateway.relay.response import RelayedBody, read_small_body, response_headers
@@ -64,7 +65,7 @@ def request_fields(body: bytes, content_type: str | None, forms: bool) -> dict |
         return None
     ctype = (content_type or "").lower()
     if "json" in ctype or body[:1] == b"{" or (forms and ctype.startswith("multipart/form-data")):
-        return policy.body_fields(body, content_type)
+        return body_fields(body, content_type)
     return None
 
 

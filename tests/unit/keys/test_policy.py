@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.core.errors import GatewayError
-from gateway.keys.policy import body_fields, check_model, check_route, policy_path
+from gateway.keys.policy import check_model, check_route, policy_path
 
 NO_RULES: dict = {}
 
@@ -150,67 +150,6 @@ def test_narrowed_key_is_told_its_allowed_routes_refused():
 def test_no_allowed_routes_means_all_defaults(key):
     assert route_allowed("/v1/chat/completions", key)
     assert route_allowed("/tokenize", key)
-
-
-# --- body_fields -------------------------------------------------------------------------------
-
-def test_body_fields_of_a_json_object_are_its_top_level_fields():
-    assert body_fields(b'{"model": "m", "messages": [{"role": "user"}]}', "application/json") == {
-        "model": "m", "messages": [{"role": "user"}]}
-
-
-def test_body_fields_read_json_whatever_the_content_type():
-    assert body_fields(b'{"model": "m"}', None) == {"model": "m"}
-    assert body_fields(b'{"model": "m"}', "text/plain") == {"model": "m"}
-
-
-def test_body_fields_duplicate_json_key_takes_the_last_value_as_vllm_does():
-    assert body_fields(b'{"model": "allowed", "model": "other"}', "application/json") == {"model": "other"}
-
-
-@pytest.mark.parametrize("body", [b'["model"]', b'"model"', b"42", b"null", b"true"])
-def test_body_fields_of_a_json_non_object_is_none(body):
-    assert body_fields(body, "application/json") is None
-
-
-@pytest.mark.parametrize("body", [b"", b"{", b"not json", b'{"model": "m",}', b"\xff\xfe\x00"])
-def test_body_fields_of_invalid_json_is_none(body):
-    assert body_fields(body, "application/json") is None
-
-
-@pytest.mark.parametrize("body", [b"[" * 200_000, b'{"a":' * 200_000])
-def test_body_fields_of_absurdly_deep_json_is_none_not_a_crash(body):
-    assert body_fields(body, "application/json") is None
-
-
-def test_body_fields_of_multipart_are_its_text_fields():
-    body, ctype = multipart(("model", "whisper"), ("language", "en"))
-    assert body_fields(body, ctype) == {"model": "whisper", "language": "en"}
-
-
-def test_body_fields_multipart_leaves_out_file_parts():
-    body = (b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper\r\n'
-            b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
-            b"Content-Type: audio/wav\r\n\r\nRIFF\r\n--B--\r\n")
-    assert body_fields(body, "multipart/form-data; boundary=B") == {"model": "whisper"}
-
-
-def test_body_fields_multipart_field_sent_twice_with_different_values_is_a_list():
-    body, ctype = multipart(("model", "allowed"), ("model", "forbidden"))
-    assert body_fields(body, ctype) == {"model": ["allowed", "forbidden"]}
-
-
-def test_body_fields_multipart_field_sent_twice_with_the_same_value_is_that_value():
-    body, ctype = multipart(("model", "m"), ("model", "m"))
-    assert body_fields(body, ctype) == {"model": "m"}
-
-
-@pytest.mark.parametrize("body, ctype", [
-    (b"garbage", "multipart/form-data; boundary=B"),
-    (b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\nm\r\n--B--\r\n', "multipart/form-data"),
-])
-def test_body_fields_of_malformed_multipart_is_none(body, ctype):
-    assert body_fields(body, ctype) is None
 
 
 # --- check_model -------------------------------------------------------------------------------
