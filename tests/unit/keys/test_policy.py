@@ -5,6 +5,7 @@ import pytest
 
 from gateway.core.errors import GatewayError
 from gateway.keys.policy import check_model, check_route, policy_path
+from gateway.relay.bodyfields import body_fields
 
 NO_RULES: dict = {}
 
