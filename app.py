@@ -8,11 +8,12 @@ from werkzeug.exceptions import HTTPException
 
 from gateway.core import accesslog
 from gateway.core.accesslog import RequestRecord, request_id_for
-from gateway.core.config import Settings, load_settings
+from gateway.core.config import Settings, load_settings, require_keystore
 from gateway.core.errors import GatewayError, error_body
 from gateway.core.metrics import Metrics
 from gateway.core.redisconn import make_redis
 from gateway.core.redisnames import RedisNames
+from gateway.keys.audit import AuditLog
 from gateway.keys.auth import Authenticator
 from gateway.keys.store import KeyStore
 from gateway.relay.exchange import Passthrough
@@ -46,7 +47,9 @@ def create_app(config=None) -> Flask:
     # Admin and other Flask routes take small JSON bodies; /vllm has its own limit.
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
     accesslog.configure(settings.access_log)
-    redis_client = make_redis(settings) if redis_client is None else redis_client
+    if redis_client is None:  # an injected client (tests) is a key store; only "none at all" needs the opt-in
+        require_keystore(settings)
+        redis_client = make_redis(settings)
     app.extensions["gateway"] = build_services(settings, redis_client, session)
     _register_blueprints(app)
     _install_request_record(app)
@@ -67,21 +70,22 @@ def build_services(settings: Settings, redis_client, session=None) -> Services:
                  for base in settings.upstream_bases]
     replicas = Replicas(upstreams, cooloff=settings.upstream_cooloff, redis=redis_client, names=names,
                         on_error=metrics.upstream_error)
-    keystore = KeyStore(redis_client, names, settings.key_cache_ttl)
+    audit = AuditLog(redis_client, names)
+    keystore = KeyStore(redis_client, names, settings.key_cache_ttl, audit=audit)
     authenticator = Authenticator(settings.master_key, keystore)
     limiter = RateLimiter(redis_client, names, settings.parallel_lease_seconds)
     accounting = Accounting(redis_client, names, settings.prices, settings.spend_log_max, limiter)
     passthrough = Passthrough(replicas, upstreams[0].auth_header, authenticator, settings.max_body_bytes,
-                              accounting, limiter, metrics)
+                              accounting, limiter, metrics, settings.body_read_timeout)
     return Services(settings=settings, redis=redis_client, session=session, metrics=metrics,
-                    replicas=replicas, keystore=keystore, auth=authenticator, limiter=limiter,
+                    replicas=replicas, keystore=keystore, audit=audit, auth=authenticator, limiter=limiter,
                     accounting=accounting, passthrough=passthrough)
 
 
 def _register_blueprints(app: Flask) -> None:
-    from blueprints import health, keys, metrics, passthrough, spend
+    from blueprints import audit, health, keys, metrics, passthrough, spend
 
-    for blueprint in (passthrough.bp, health.bp, keys.bp, spend.bp, metrics.bp):
+    for blueprint in (passthrough.bp, health.bp, keys.bp, spend.bp, audit.bp, metrics.bp):
         app.register_blueprint(blueprint)
 
 

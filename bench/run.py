@@ -111,6 +111,7 @@ class Bench:
             self.redis_url = url
             env.update(REDIS_URL=url, REDIS_KEY_PREFIX=self.prefix)
         else:
+            env["ALLOW_EPHEMERAL_KEYSTORE"] = "1"
             self.notes.append(f"no Redis at {url}: the gateway kept its keys in-process")
         for item in self.args.gateway_env:
             key, _, value = item.partition("=")

@@ -1,7 +1,13 @@
-"""Liveness and readiness probes; public, no key needed."""
-from flask import Blueprint, jsonify
+"""Liveness and readiness probes; public, no key needed.
+
+Readiness shows anyone the states (so load balancers and uptime checks work without a key);
+replica URLs, in-flight counts and error details (the internal vLLM address, its last error)
+only to a caller presenting the master key.
+"""
+from flask import Blueprint, jsonify, request
 
 from blueprints import services
+from gateway.keys.auth import credential_from
 
 bp = Blueprint("health", __name__, url_prefix="/health")
 
@@ -13,21 +19,44 @@ def liveness():
     return jsonify("I'm alive!")
 
 
+def _is_master() -> bool:
+    # Only the master key's digest is compared: no key store lookup, no 401 for a probe.
+    credential = credential_from(request.environ)
+    return bool(credential) and services().auth.is_master(credential)
+
+
+def _keystore_check() -> dict:
+    ok, detail = services().keystore.ping()
+    check = {"status": "up" if ok else "down", "detail": detail}
+    if not services().settings.redis_url:
+        # ALLOW_EPHEMERAL_KEYSTORE: ready, but every key is lost when this process stops.
+        check["ephemeral"] = True
+        check["detail"] += "; in-process store (no REDIS_URL): keys are lost at restart"
+    return check
+
+
 @bp.get("/readiness")
 def readiness():
     """Each dependency's state; 503 when any is down."""
-    checks = {}
     replicas = services().replicas.status()
     up = sum(r["status"] == "up" for r in replicas)
-    checks["upstream"] = {"status": "up" if up else "down",
-                          "detail": f"{up} of {len(replicas)} vLLM replicas answer",
-                          "replicas": replicas}
-    keystore = services().keystore
-    if keystore is not None:
-        ok, detail = keystore.ping()
-        checks["keystore"] = {"status": "up" if ok else "down", "detail": detail}
+    checks = {
+        "upstream": {"status": "up" if up else "down", "detail": f"{up} of {len(replicas)} vLLM replicas answer",
+                     "replicas": replicas},
+        "keystore": _keystore_check(),
+    }
     healthy = all(c["status"] == "up" for c in checks.values())
     status = "healthy" if healthy else "unhealthy"
     if healthy and up < len(replicas):
         status = "degraded"  # still serving on the replicas that answer
+    if not _is_master():
+        checks = {name: _public(check) for name, check in checks.items()}
     return jsonify({"status": status, "dependencies": checks}), 200 if healthy else 503
+
+
+def _public(check: dict) -> dict:
+    """States only: no addresses, counts of in-flight requests or error texts."""
+    shown = {k: v for k, v in check.items() if k in ("status", "ephemeral")}
+    if "replicas" in check:
+        shown["replicas"] = [{"status": r["status"]} for r in check["replicas"]]
+    return shown

@@ -6,10 +6,13 @@ import json
 from flask import Blueprint, jsonify, request
 
 from blueprints import services
+from blueprints.args import bool_arg, int_arg, only_args
+from blueprints.audit import admin_caller, master_only
 
 from gateway.core.durations import parse_duration
 from gateway.core.errors import GatewayError
 from gateway.core.redisconn import REDIS_ERRORS, unavailable
+from gateway.core.timefmt import iso
 from gateway.keys.fields import KEY_FIELDS, encodable, reject_unknown, require_object, validate_fields
 
 bp = Blueprint("keys", __name__, url_prefix="/key")
@@ -17,9 +20,7 @@ bp = Blueprint("keys", __name__, url_prefix="/key")
 UPDATABLE = set(KEY_FIELDS) - {"key"}
 
 
-@bp.before_request
-def master_only():
-    services().auth.require_master(request.environ)
+bp.before_request(master_only)
 
 
 def store():
@@ -39,8 +40,13 @@ def json_body() -> dict:
 
 
 def public(record: dict) -> dict:
-    """A record as shown to admins: internal fields dropped, spend merged in."""
+    """A record as shown to admins: internal fields dropped, spend merged in, the live copies
+    it was regenerated from listed with their ends (a superseded copy says so itself)."""
     shown = {k: v for k, v in record.items() if k not in ("expires_at", "created_epoch")}
+    if "previous_tokens" in record:
+        head_end = record.get("expires_at") or float("inf")  # a copy never outlives its head
+        shown["previous_tokens"] = [{"token": token, "expires": iso(min(end, head_end))}
+                                    for token, end in sorted(record["previous_tokens"].items(), key=lambda i: i[1])]
     try:
         shown.update(services().accounting.key_totals(record["token"], record))
     except REDIS_ERRORS:
@@ -63,12 +69,13 @@ def _identified(payload: dict) -> dict:
 @bp.post("/generate")
 def generate():
     fields = validate_fields(json_body(), KEY_FIELDS)
-    created = store().generate(fields)
+    created = store().generate(fields, caller=admin_caller())
     return jsonify(public(created))
 
 
 @bp.get("/info")
 def info():
+    only_args("key")
     key = request.args.get("key")
     if not key:
         raise GatewayError(400, "key: pass ?key=<key or token>", param="key")
@@ -76,29 +83,17 @@ def info():
     return jsonify({"key": record["token"], "info": public(record)})
 
 
-def _int_arg(name: str, default: int, low: int, high: int) -> int:
-    raw = request.args.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise GatewayError(400, f"{name}: must be a whole number", param=name) from None
-    if not low <= value <= high:
-        raise GatewayError(400, f"{name}: must be between {low} and {high}", param=name)
-    return value
-
-
 @bp.get("/list")
 def list_keys():
-    full = request.args.get("return_full_object", "false").lower()
-    if full not in ("true", "false", "1", "0"):
-        raise GatewayError(400, "return_full_object: must be true or false", param="return_full_object")
+    """Live keys, newest first; a regenerated key's old copy still in its grace period is listed
+    too (its full object says `status: "superseded"`)."""
+    only_args("page", "size", "key_alias", "user_id", "team_id", "return_full_object")
+    full = bool_arg("return_full_object")
     result = store().list(
-        page=_int_arg("page", 1, 1, 10**6), size=_int_arg("size", 10, 1, 100),
+        page=int_arg("page", 1, 1, 10**6), size=int_arg("size", 10, 1, 100),
         key_alias=request.args.get("key_alias"), user_id=request.args.get("user_id"),
-        team_id=request.args.get("team_id"), full=full in ("true", "1"))
-    if full in ("true", "1"):
+        team_id=request.args.get("team_id"), full=full)
+    if full:
         result["keys"] = [public(r) for r in result["keys"]]
     return jsonify(result)
 
@@ -114,7 +109,7 @@ def update():
     changes = validate_fields(changes, UPDATABLE)
     if never:
         changes["duration"] = None
-    updated = store().update(record, changes)
+    updated = store().update(record, changes, caller=admin_caller())
     return jsonify(public(updated))
 
 
@@ -128,7 +123,7 @@ def delete():
         if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) and v for v in value)):
             raise GatewayError(400, f"{field}: must be a list of strings", param=field)
     records = [store().find(key=k) for k in keys or []] + [store().find(alias=a) for a in aliases or []]
-    store().delete(records)
+    store().delete(records, caller=admin_caller())
     return jsonify({"deleted_keys": (keys or []) + (aliases or [])})
 
 
@@ -144,13 +139,14 @@ def regenerate():
         except ValueError as exc:
             raise GatewayError(400, f"grace_period: {exc}", param="grace_period") from None
     custom = KEY_FIELDS["key"]("new_key", payload.get("new_key"))
-    return jsonify(public(store().regenerate(record, grace_seconds, custom)))
+    return jsonify(public(store().regenerate(record, grace_seconds, custom, caller=admin_caller())))
 
 
 def _set_blocked(blocked: bool):
     payload = reject_unknown(json_body(), {"key", "key_alias"})
     record = _identified(payload)
-    return jsonify(public(store().update(record, {"blocked": blocked})))
+    action = "block" if blocked else "unblock"
+    return jsonify(public(store().update(record, {"blocked": blocked}, caller=admin_caller(), action=action)))
 
 
 @bp.post("/block")

@@ -8,6 +8,7 @@ import requests
 
 from gateway.core.config import Settings
 from gateway.core.metrics import Metrics
+from gateway.keys.audit import AuditLog
 from gateway.keys.auth import Authenticator
 from gateway.keys.store import KeyStore
 from gateway.relay.exchange import Passthrough
@@ -24,6 +25,7 @@ class Services:
     metrics: Metrics
     replicas: Replicas
     keystore: KeyStore
+    audit: AuditLog             # who changed which key (the key store writes it)
     auth: Authenticator
     limiter: RateLimiter
     accounting: Accounting

@@ -6,7 +6,16 @@ Layout under the prefix (default `vgw:`):
   gone:<token>     why a key no longer works ("expired" / "regenerated"), kept 30 days longer,
                    so a caller hears "expired" rather than "invalid"; it holds no key material
   keys             sorted set token -> expiry epoch (inf = never), for listing without KEYS
-Multi-key changes run in WATCH/MULTI transactions, so no concurrent admin call loses a write.
+Multi-key changes run in WATCH/MULTI transactions, so no concurrent admin call loses a write;
+each change queues its audit entry (gateway/keys/audit.py) in the same transaction.
+
+A key and the copies it was regenerated from are one logical key. `/key/regenerate` with a grace
+period leaves the old key working for a while: the new record (the head) lists its live
+predecessors in `previous_tokens` (token -> end of grace), and each old record is a copy of the
+head marked `status: "superseded"`, `superseded_by: <head token>`, with its own true expiry.
+Every write (update, block, delete, regenerate) resolves the head and rewrites or removes every
+live copy with it, so revoking a key also revokes the copies still in their grace period; the
+copies' requests are charged to the head (one budget, one rate limit).
 """
 from __future__ import annotations
 
@@ -18,6 +27,7 @@ import time
 
 import redis
 
+from gateway.keys.audit import AuditLog
 from gateway.keys.auth import Identity, hash_key
 from gateway.core.durations import parse_duration
 from gateway.core.errors import GatewayError
@@ -29,6 +39,9 @@ from gateway.core.runtime import gevent_patched
 
 log = logging.getLogger("gateway")
 GONE_RETENTION_MS = 30 * 86400 * 1000
+SUPERSEDED = "superseded"
+# Fields only the head carries; a superseded copy has its own token, name and lifetime.
+_HEAD_ONLY = ("previous_tokens", "superseded_by", "status")
 _TOKEN = re.compile(r"[0-9a-f]{64}")
 
 
@@ -45,9 +58,10 @@ class KeyStore:
     """CRUD and authentication for virtual keys."""
 
     def __init__(self, client: redis.Redis, names: RedisNames, cache_ttl: float = 0.9,
-                 cache: bool | None = None):
+                 cache: bool | None = None, audit: AuditLog | None = None):
         self.redis = client
         self.names = names
+        self.audit = audit or AuditLog(client, names)
         # The cache is for gevent workers, where a listener greenlet hears other workers'
         # changes; elsewhere (tests, dev server) every request reads Redis.
         use_cache = (gevent_patched() if cache is None else cache) and cache_ttl > 0
@@ -119,6 +133,8 @@ class KeyStore:
                                    kind="regenerated_key")
             raise GatewayError(401, "Invalid API key", "auth_error", kind="invalid_key")
         record, budget = json.loads(raw), tuple(budget)
+        if record.get("superseded_by"):  # an old copy in its grace period spends the head's budget
+            budget = self._budget(record["superseded_by"])
         if self.cache is not None:
             self.cache.put(token, record, budget)
         return self._check(token, record, budget)
@@ -130,7 +146,14 @@ class KeyStore:
             raise GatewayError(401, f"API key expired at {record['expires']}", "expired_key", kind="expired_key")
         if record.get("blocked"):
             raise GatewayError(401, "API key is blocked", "auth_error", kind="blocked_key")
-        return Identity(is_master=False, token=token, key=record, budget=budget)
+        # Requests on a superseded copy count against the logical key: its head's token.
+        return Identity(is_master=False, token=record.get("superseded_by") or token, key=record, budget=budget)
+
+    def _budget(self, token: str) -> tuple:
+        try:
+            return tuple(self.redis.hmget(self.names.key_spend(token), "budget_period", "budget_spend"))
+        except REDIS_ERRORS:
+            raise unavailable() from None
 
     def _changed(self, *tokens: str) -> None:
         """After an admin write: no worker may keep serving the old record from its cache."""
@@ -181,8 +204,37 @@ class KeyStore:
         owner = pipe.get(self.alias_key(alias))
         return bool(owner) and owner != token and bool(pipe.exists(self.record_key(owner)))
 
+    def _lineage(self, pipe, token: str) -> tuple[dict | None, list[dict]]:
+        """(head, live superseded copies) of the logical key `token` belongs to.
+
+        Runs before MULTI and WATCHes everything it reads, so a concurrent regenerate or expiry
+        makes the transaction retry with the new head. The head's `previous_tokens` comes back
+        pruned to the copies that still live.
+        """
+        pipe.watch(self.record_key(token))
+        raw = pipe.get(self.record_key(token))
+        if raw is None:
+            return None, []
+        head = json.loads(raw)
+        if head.get("superseded_by"):
+            pipe.watch(self.record_key(head["superseded_by"]))
+            raw = pipe.get(self.record_key(head["superseded_by"]))
+            if raw is None:  # the head is gone (deleted, expired): this copy stands alone
+                return {k: v for k, v in head.items() if k not in _HEAD_ONLY}, []
+            head = json.loads(raw)
+        ends = head.get("previous_tokens") or {}
+        copies = []
+        if ends:
+            names = [self.record_key(t) for t in ends]
+            pipe.watch(*names)
+            now = time.time()
+            copies = [json.loads(r) for r in pipe.mget(names) if r]
+            copies = [c for c in copies if ends[c["token"]] > now]
+        head["previous_tokens"] = {c["token"]: ends[c["token"]] for c in copies}
+        return head, copies
+
     def _write(self, pipe, record: dict):
-        """Queue the writes for one record (inside MULTI).
+        """Queue the writes for one head record (inside MULTI).
 
         Lifetimes are absolute (PXAT from `expires_at`), so Redis and the record agree on the
         instant a key dies, and rewriting a record never stretches its life.
@@ -201,9 +253,44 @@ class KeyStore:
             pipe.set(self.alias_key(alias), token, pxat=at_ms)
         pipe.zadd(self.index, {token: expires_at if expires_at is not None else "+inf"})
 
-    def generate(self, fields: dict) -> dict:
+    def _write_copies(self, pipe, head: dict, copies: list[dict]) -> None:
+        """Queue each live copy rewritten from the head: same settings, its own token, name and end.
+
+        A copy never outlives the head (a shorter duration set on the head cuts its grace).
+        The alias stays with the head.
+        """
+        ends = head.get("previous_tokens") or {}
+        for old in copies:
+            end = ends[old["token"]]
+            if head.get("expires_at") is not None:
+                end = min(end, head["expires_at"])
+            copy = {k: v for k, v in head.items() if k not in _HEAD_ONLY}
+            copy.update(token=old["token"], key_name=old["key_name"], status=SUPERSEDED,
+                        superseded_by=head["token"], expires_at=end, expires=iso(end))
+            at_ms = int(end * 1000)
+            pipe.set(self.record_key(old["token"]), json.dumps(copy, separators=(",", ":")), pxat=at_ms)
+            pipe.set(self.gone_key(old["token"]), "regenerated", pxat=at_ms + GONE_RETENTION_MS)
+            pipe.zadd(self.index, {old["token"]: end})
+
+    def _retire(self, pipe, token: str) -> None:
+        """Queue: this old key stops now; for 30 days it hears "regenerated"."""
+        pipe.delete(self.record_key(token))
+        pipe.zrem(self.index, token)
+        pipe.set(self.gone_key(token), "regenerated", px=GONE_RETENTION_MS)
+
+    def _drop(self, pipe, token: str) -> None:
+        """Queue: delete this key and everything stored about it."""
+        pipe.delete(self.record_key(token), self.gone_key(token), self.names.key_spend(token))
+        pipe.zrem(self.index, token)
+
+    @staticmethod
+    def _tokens(head: dict) -> list[str]:
+        return [head["token"], *(head.get("previous_tokens") or {})]
+
+    def generate(self, fields: dict, *, caller: str) -> dict:
         """Create a key from validated fields; returns the record plus the plaintext `key`."""
-        key = fields.pop("key", None) or new_key()
+        custom = fields.pop("key", None)
+        key = custom or new_key()
         token = hash_key(key)
         now = time.time()
         ttl = parse_duration(fields["duration"]) if fields.get("duration") else None
@@ -226,27 +313,29 @@ class KeyStore:
                 raise GatewayError(400, f"key_alias: {alias!r} is already used by another key", param="key_alias")
             pipe.multi()
             self._write(pipe, record)
+            self.audit.add(pipe, "generate", caller, record, fields, custom_key=bool(custom))
 
         watched = [self.record_key(token)] + ([self.alias_key(alias)] if alias else [])
         self._transaction(create, *watched)
         return {**record, "key": key}
 
-    def update(self, record: dict, changes: dict) -> dict:
-        """Apply validated changes; a new duration restarts the lifetime, "-1" removes it."""
-        token = record["token"]
+    def update(self, record: dict, changes: dict, *, caller: str, action: str = "update") -> dict:
+        """Apply validated changes to the logical key `record` belongs to (its head and every
+        live copy); a new duration restarts the lifetime, None removes it."""
         now = time.time()
-        new_alias = changes.get("key_alias", record.get("key_alias"))
-        old_alias = record.get("key_alias")
 
         def apply(pipe):
-            current = pipe.get(self.record_key(token))
-            if current is None:
+            head, copies = self._lineage(pipe, record["token"])
+            if head is None:
                 raise GatewayError(404, "no such key (it may have expired or been deleted)", "not_found_error", param="key")
-            updated = json.loads(current)
-            updated.update({k: v for k, v in changes.items() if k != "duration"})
-            updated["updated_at"] = iso(now)
+            token, old_alias = head["token"], head.get("key_alias")
+            new_alias = changes.get("key_alias", old_alias)
+            aliases = [self.alias_key(a) for a in {old_alias, new_alias} if a]
+            if aliases:
+                pipe.watch(*aliases)
             if new_alias and new_alias != old_alias and self._alias_taken(pipe, new_alias, token):
                 raise GatewayError(400, f"key_alias: {new_alias!r} is already used by another key", param="key_alias")
+            updated = {**head, **{k: v for k, v in changes.items() if k != "duration"}, "updated_at": iso(now)}
             if "duration" in changes:
                 duration = changes["duration"]
                 seconds = parse_duration(duration) if duration else None
@@ -257,59 +346,73 @@ class KeyStore:
             if old_alias and old_alias != new_alias:
                 pipe.delete(self.alias_key(old_alias))
             self._write(pipe, updated)
+            self._write_copies(pipe, updated, copies)
+            self.audit.add(pipe, action, caller, updated, changes)
             return updated
 
-        watched = [self.record_key(token)] + [self.alias_key(a) for a in {old_alias, new_alias} if a]
-        updated = self._transaction(apply, *watched)
-        self._changed(token)
+        updated = self._transaction(apply, self.record_key(record["token"]))
+        self._changed(*self._tokens(updated))
         return updated
 
-    def delete(self, records: list[dict]) -> None:
-        """Delete several keys at once (all or nothing)."""
+    def delete(self, records: list[dict], *, caller: str) -> None:
+        """Delete several keys at once (all or nothing), each with its live superseded copies."""
         def remove(pipe):
-            owners = {r["key_alias"]: pipe.get(self.alias_key(r["key_alias"])) for r in records if r.get("key_alias")}
-            pipe.multi()
+            heads = {}
             for r in records:
-                pipe.delete(self.record_key(r["token"]), self.gone_key(r["token"]), self.names.key_spend(r["token"]))
-                pipe.zrem(self.index, r["token"])
-                if owners.get(r.get("key_alias")) == r["token"]:
-                    pipe.delete(self.alias_key(r["key_alias"]))
+                head, _ = self._lineage(pipe, r["token"])
+                if head is not None:
+                    heads[head["token"]] = head
+            aliases = [h["key_alias"] for h in heads.values() if h.get("key_alias")]
+            if aliases:
+                pipe.watch(*[self.alias_key(a) for a in aliases])
+            owners = {a: pipe.get(self.alias_key(a)) for a in aliases}
+            pipe.multi()
+            for head in heads.values():
+                for token in self._tokens(head):
+                    self._drop(pipe, token)
+                if head.get("key_alias") and owners.get(head["key_alias"]) == head["token"]:
+                    pipe.delete(self.alias_key(head["key_alias"]))
+                copies = {"previous_tokens": list(head["previous_tokens"])} if head["previous_tokens"] else {}
+                self.audit.add(pipe, "delete", caller, head, **copies)
+            return [t for head in heads.values() for t in self._tokens(head)]
 
-        watched = [self.alias_key(r["key_alias"]) for r in records if r.get("key_alias")]
-        self._transaction(remove, *watched)
-        self._changed(*(r["token"] for r in records))
+        gone = self._transaction(remove, *[self.record_key(r["token"]) for r in records])
+        self._changed(*{r["token"] for r in records}, *gone)
 
-    def regenerate(self, record: dict, grace_seconds: int | None, custom_key: str | None = None) -> dict:
-        """Issue a new key with the same settings; the old one stops now or after the grace period."""
+    def regenerate(self, record: dict, grace_seconds: int | None, custom_key: str | None = None,
+                   *, caller: str) -> dict:
+        """Issue a new key with the same settings. The old key, and any older copy still in its
+        grace period, stops now, or at the latest after the new grace period."""
         key = custom_key or new_key()
-        token, old = hash_key(key), record["token"]
+        token = hash_key(key)
         now = time.time()
 
         def swap(pipe):
-            current = pipe.get(self.record_key(old))
-            if current is None:
+            head, copies = self._lineage(pipe, record["token"])
+            if head is None:
                 raise GatewayError(404, "no such key (it may have expired or been deleted)", "not_found_error", param="key")
             if pipe.exists(self.record_key(token)):
                 raise GatewayError(400, "new_key: a key with this value already exists", param="new_key")
-            fresh = json.loads(current)
-            fresh.update(token=token, key_name=key_name(key), updated_at=iso(now), regenerated_at=iso(now))
+            old = head["token"]
+            fresh = {**head, "token": token, "key_name": key_name(key), "updated_at": iso(now),
+                     "regenerated_at": iso(now), "previous_tokens": {}}
+            if grace_seconds:
+                cutoff = now + grace_seconds
+                ends = {t: min(end, cutoff) for t, end in head["previous_tokens"].items()}
+                fresh["previous_tokens"] = {**ends, old: cutoff}
             pipe.multi()
             self._write(pipe, fresh)
             # Spend and budget carry over to the new key.
             pipe.copy(self.names.key_spend(old), self.names.key_spend(token), replace=True)
-            if grace_seconds:
-                old_end = now + grace_seconds
-                if fresh.get("expires_at") is not None:
-                    old_end = min(old_end, fresh["expires_at"])
-                pipe.pexpireat(self.record_key(old), int(old_end * 1000))
-                pipe.zadd(self.index, {old: old_end})
-                pipe.set(self.gone_key(old), "regenerated", pxat=int(old_end * 1000) + GONE_RETENTION_MS)
-            else:
-                pipe.delete(self.record_key(old))
-                pipe.zrem(self.index, old)
-                pipe.set(self.gone_key(old), "regenerated", px=GONE_RETENTION_MS)
-            return fresh
+            survivors = [c for c in [*copies, head] if c["token"] in fresh["previous_tokens"]]
+            self._write_copies(pipe, fresh, survivors)
+            for c in [*copies, head]:
+                if c["token"] not in fresh["previous_tokens"]:
+                    self._retire(pipe, c["token"])
+            self.audit.add(pipe, "regenerate", caller, fresh, {"grace_period": grace_seconds},
+                           previous_token=old, custom_key=bool(custom_key))
+            return fresh, [c["token"] for c in [*copies, head]]
 
-        fresh = self._transaction(swap, self.record_key(old), self.record_key(token))
-        self._changed(old)
+        fresh, old_tokens = self._transaction(swap, self.record_key(record["token"]), self.record_key(token))
+        self._changed(*old_tokens)
         return {**fresh, "key": key}

@@ -2,7 +2,7 @@
 import pytest
 
 from app import create_app
-from tests.conftest import gateway_environ
+from tests.conftest import MASTER, gateway_environ
 from tests.realvllm.conftest import VLLM_KEY
 
 
@@ -12,7 +12,7 @@ def readiness(base: str, key: str | None):
         del env["HOSTED_VLLM_API_KEY"]
     else:
         env["HOSTED_VLLM_API_KEY"] = key
-    resp = create_app({"environ": env}).test_client().get("/health/readiness")
+    resp = create_app({"environ": env}).test_client().get("/health/readiness", headers=MASTER)
     return resp.status_code, resp.get_json()["dependencies"]["upstream"]["replicas"][0]["detail"]
 
 
