@@ -74,7 +74,8 @@ def build_services(settings: Settings, redis_client, session=None) -> Services:
     keystore = KeyStore(redis_client, names, settings.key_cache_ttl, audit=audit)
     authenticator = Authenticator(settings.master_key, keystore)
     limiter = RateLimiter(redis_client, names, settings.parallel_lease_seconds)
-    accounting = Accounting(redis_client, names, settings.prices, settings.spend_log_max, limiter)
+    accounting = Accounting(redis_client, names, settings.prices, settings.spend_log_max, limiter,
+                            end_user_ttl=settings.end_user_stats_ttl)
     passthrough = Passthrough(replicas, upstreams[0].auth_header, authenticator, settings.max_body_bytes,
                               accounting, limiter, metrics, settings.body_read_timeout)
     return Services(settings=settings, redis=redis_client, session=session, metrics=metrics,

@@ -136,7 +136,7 @@ def test_refused_replica_is_skipped(vllm, start_gateway):
         r = requests.get(gw.url + "/vllm/v1/models", headers=MASTER)
         assert r.status_code == 200, r.text
     assert len(vllm.requests()) == 6
-    ready = requests.get(gw.url + "/health/readiness").json()
+    ready = requests.get(gw.url + "/health/readiness", headers=MASTER).json()  # details need the master key
     assert ready["status"] == "degraded"
     states = {r["status"] for r in ready["dependencies"]["upstream"]["replicas"]}
     assert states == {"up", "down"}

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from urllib.parse import urlsplit
+import re
+from urllib.parse import parse_qs, urlsplit
 
 # Values published in docs and tutorials; anyone could guess them.
 KNOWN_WEAK_KEYS = frozenset({
@@ -37,10 +38,13 @@ class Settings:
     head_timeout: float | None = None  # None: the read timeout
     upstream_trust_env: bool = False
     max_body_bytes: int = 64 * 1024 * 1024
+    body_read_timeout: float = 30.0  # whole request body must arrive within this (408 after)
     upstream_pool_size: int = 1000
     redis_url: str | None = None
+    allow_ephemeral_keystore: bool = False  # no REDIS_URL: keys in one process, lost at restart
     redis_ssl_cert_reqs: str = "required"
-    redis_pool_size: int = 50
+    redis_pool_size: int = 8  # per worker, pub/sub included: 2 workers x 8 fit a 20-connection plan
+    redis_pool_timeout: float = 5.0  # wait for a free pooled connection under a burst
     redis_socket_timeout: float = 2.0
     redis_prefix: str = "vgw:"
     access_log: bool = True
@@ -52,6 +56,7 @@ class Settings:
     prices: dict = dataclasses.field(default_factory=dict)
     spend_log_max: int = 100_000
     parallel_lease_seconds: float = 120.0
+    end_user_stats_ttl: float = 30 * 86400.0  # per (key, end user) stats live this long after their last request
 
     def __post_init__(self):
         _validate(self)
@@ -86,6 +91,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("UPSTREAM_CONNECT_TIMEOUT and UPSTREAM_READ_TIMEOUT must be positive")
     if s.head_timeout is not None and s.head_timeout <= 0:
         raise ConfigError("UPSTREAM_HEAD_TIMEOUT must be positive")
+    if s.body_read_timeout <= 0:
+        raise ConfigError("REQUEST_BODY_TIMEOUT must be positive")
     if s.max_body_bytes <= 0:
         raise ConfigError("MAX_REQUEST_BODY_BYTES must be positive")
     if s.upstream_pool_size <= 0 or s.redis_pool_size <= 0:
@@ -96,8 +103,52 @@ def _validate(s: Settings) -> None:
         raise ConfigError("KEY_CACHE_TTL must be between 0 (no cache) and 60 seconds")
     if s.spend_log_max <= 0 or s.parallel_lease_seconds <= 0:
         raise ConfigError("SPEND_LOG_MAX_ENTRIES and PARALLEL_SLOT_LEASE_SECONDS must be positive")
+    if s.redis_pool_timeout <= 0 or s.end_user_stats_ttl <= 0:
+        raise ConfigError("REDIS_POOL_TIMEOUT and END_USER_STATS_TTL must be positive")
     if s.redis_ssl_cert_reqs not in ("required", "none"):
         raise ConfigError("REDIS_SSL_CERT_REQS must be 'required' or 'none'")
+    if s.redis_url is not None:
+        check_redis_url(s.redis_url)
+
+
+REDIS_URL_EXAMPLE = "redis://:password@host:6379/0"
+
+
+def check_redis_url(url: str) -> None:
+    """What redis-py would take silently or fail on in every worker, refused in one line.
+
+    redis-py reads `/abc`, `/db1` or `/1.5` as database 0, `/0/1` as database 1, and a URL
+    without a scheme fails only when a worker first connects. The URL itself is never echoed
+    (it may hold the password).
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix://, e.g. {REDIS_URL_EXAMPLE}")
+    try:
+        parts.port  # noqa: B018 - reading it validates it
+    except ValueError:
+        raise ConfigError(f"REDIS_URL has an invalid port; expected e.g. {REDIS_URL_EXAMPLE}") from None
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(f"REDIS_URL names no host; expected e.g. {REDIS_URL_EXAMPLE}")
+    dbs = parse_qs(parts.query).get("db", [])
+    if parts.scheme != "unix" and parts.path not in ("", "/"):
+        dbs.append(parts.path[1:])
+    for db in dbs:
+        if not re.fullmatch(r"[0-9]{1,5}", db):
+            raise ConfigError(f"REDIS_URL: the database number must be a whole number such as 0 "
+                              f"(the path after host:port, e.g. {REDIS_URL_EXAMPLE}), got {db!r}")
+    if len(set(map(int, dbs))) > 1:
+        raise ConfigError("REDIS_URL names two different database numbers (path and ?db=)")
+
+
+def require_keystore(settings: Settings) -> None:
+    """Without REDIS_URL every key lives in one process and is lost at each restart (and a
+    second worker would not see it): refuse unless the operator said that is what they want."""
+    if settings.redis_url is None and not settings.allow_ephemeral_keystore:
+        raise ConfigError(
+            "REDIS_URL is not set: virtual keys, spend and limits would live in one worker's memory and be "
+            "lost at every restart; set REDIS_URL (e.g. the Heroku Redis add-on), or ALLOW_EPHEMERAL_KEYSTORE=1 "
+            "for a local demo (scripts/start does)")
 
 
 def parse_bases(raw: str) -> tuple:
@@ -170,10 +221,13 @@ def load_settings(environ=None, **overrides) -> Settings:
         head_timeout=_number(env, "UPSTREAM_HEAD_TIMEOUT", None),
         upstream_trust_env=_flag(env, "UPSTREAM_TRUST_ENV"),
         max_body_bytes=_number(env, "MAX_REQUEST_BODY_BYTES", 64 * 1024 * 1024, int),
+        body_read_timeout=_number(env, "REQUEST_BODY_TIMEOUT", 30.0),
         upstream_pool_size=_number(env, "UPSTREAM_POOL_SIZE", 1000, int),
         redis_url=redis_url_from(env),
+        allow_ephemeral_keystore=_flag(env, "ALLOW_EPHEMERAL_KEYSTORE"),
         redis_ssl_cert_reqs=env.get("REDIS_SSL_CERT_REQS", "required").strip().lower(),
-        redis_pool_size=_number(env, "REDIS_POOL_SIZE", 50, int),
+        redis_pool_size=_number(env, "REDIS_POOL_SIZE", 8, int),
+        redis_pool_timeout=_number(env, "REDIS_POOL_TIMEOUT", 5.0),
         redis_socket_timeout=_number(env, "REDIS_SOCKET_TIMEOUT", 2.0),
         redis_prefix=env.get("REDIS_KEY_PREFIX", "vgw:"),
         access_log=not _flag(env, "DISABLE_ACCESS_LOG"),
@@ -185,6 +239,7 @@ def load_settings(environ=None, **overrides) -> Settings:
         prices=load_prices(env),
         spend_log_max=_number(env, "SPEND_LOG_MAX_ENTRIES", 100_000, int),
         parallel_lease_seconds=_number(env, "PARALLEL_SLOT_LEASE_SECONDS", 120.0),
+        end_user_stats_ttl=_number(env, "END_USER_STATS_TTL", 30 * 86400.0),
     )
     values.update(overrides)
     return Settings(**values)

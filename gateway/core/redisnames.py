@@ -12,6 +12,7 @@ class RedisNames:
         self.key_index = prefix + "keys"
         self.spend_log = prefix + "spendlog"
         self.key_changes = prefix + "key-changes"  # pub/sub channel: tokens whose record changed
+        self.audit_log = prefix + "audit"  # stream of admin changes (gateway/keys/audit.py)
 
     def record(self, token: str) -> str:
         return f"{self.prefix}key:{token}"
@@ -25,8 +26,13 @@ class RedisNames:
     def key_spend(self, token: str) -> str:
         return f"{self.prefix}spend:{{{token}}}"
 
-    def end_user(self, end_user: str) -> str:
-        return f"{self.prefix}enduser:{end_user}"
+    def end_user_stats(self, bucket: str, end_user: str) -> str:
+        """One key's ("master" for the master key) usage by one end user."""
+        return f"{self.prefix}eu:{{{bucket}}}:{end_user}"
+
+    def end_user_keys(self, end_user: str) -> str:
+        """Which keys an end user's stats exist under (sorted set: bucket -> last request)."""
+        return f"{self.prefix}eu-keys:{end_user}"
 
     def rpm(self, token: str, window: int) -> str:
         return f"{self.prefix}rl:{{{token}}}:rpm:{window}"

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import time
 
+from gateway.core.redisconn import REDIS_ERRORS, incidents
+
 log = logging.getLogger("gateway")
 
 MAX_ENTRIES = 50_000
@@ -64,6 +66,8 @@ class KeyCache:
                 for message in pubsub.listen():
                     if message.get("type") == "message":
                         self.entries.pop(message["data"], None)
+            except REDIS_ERRORS as exc:  # an outage: logged once per incident, not every second
+                incidents.report(exc, "The key cache listener reconnects every second.")
             except Exception as exc:
                 log.warning("key cache listener reconnecting (%s)", type(exc).__name__)
             finally:

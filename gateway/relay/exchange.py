@@ -91,8 +91,6 @@ class Exchange:
     def on_chunk(self, chunk: bytes) -> None:
         if self.tap is not None:
             self.tap.feed(chunk)
-        if self.slot is not None:
-            self.slot.renew()
         if self.capture_id:
             response_id = response_id_in(chunk)
             if response_id is not None:

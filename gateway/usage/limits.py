@@ -1,19 +1,34 @@
 """Per-key rate limits enforced atomically in Redis, across workers and gateway instances.
 
-- rpm_limit: requests per fixed one-minute window (INCR only when admitted, so the count is exact).
+- rpm_limit: requests per fixed one-minute window (INCR only when admitted, so the count is exact;
+  `refund` takes an admission back, e.g. when the model check refuses the request after it).
 - tpm_limit: tokens per one-minute window, charged after the response from recorded usage.
-- max_parallel_requests: a sorted set of leases (request id -> lease expiry). A lease is
-  renewed while a stream runs and removed on every exit path; a crashed worker's lease
-  simply expires, so no slot is held forever.
+- max_parallel_requests: a sorted set of leases (request id -> lease expiry). Each worker runs
+  one renewer (a greenlet on gevent workers) that extends every lease it holds every lease/4 in
+  one pipelined round trip, so a request keeps its slot for as long as it runs, chunks or not
+  (a silent prefill longer than the lease used to lose it). A crashed worker renews nothing, so
+  its leases run out after PARALLEL_SLOT_LEASE_SECONDS: no slot is held forever.
+
+A lease is given back in the request's own greenlet. If Redis fails then, the release (or a
+refund) is queued and written with the next accounting batch, so a Redis error never leaks a slot.
 """
 from __future__ import annotations
 
+import collections
+import logging
 import math
 import secrets
+import threading
 import time
 
 from gateway.core.errors import GatewayError
-from gateway.core.redisconn import REDIS_ERRORS, unavailable
+from gateway.core.redisconn import REDIS_ERRORS, incidents, unavailable
+
+log = logging.getLogger("gateway")
+
+# A slot is renewed at most this long: a request that never ends (a bug) must not hold one forever.
+MAX_HOLD_SECONDS = 24 * 3600
+DEFERRED_MAX = 10_000
 
 # One atomic check-and-take for all three limits; nothing is taken unless everything passes.
 _ACQUIRE = """
@@ -45,25 +60,32 @@ end
 return {'ok', rpm, tpm_used, par}
 """
 
+# Undo one admission: the rpm count (only while its window still exists, so a late refund never
+# creates a key or goes below zero) and the parallel lease. ARGV: member, undo rpm?, undo lease?
+_REFUND = """
+if ARGV[2] == '1' and tonumber(redis.call('GET', KEYS[1]) or '0') > 0 then
+  redis.call('DECR', KEYS[1])
+end
+if ARGV[3] == '1' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+end
+return 1
+"""
+
 
 class Slot:
-    """An admitted request on a limited key: headers to send and a lease to release."""
+    """An admitted request on a limited key: headers to send and what to give back."""
 
-    __slots__ = ("limiter", "token", "request_id", "holds_parallel", "headers", "renew_at")
+    __slots__ = ("limiter", "token", "request_id", "holds_parallel", "headers", "rpm_name", "acquired_at")
 
-    def __init__(self, limiter, token, request_id, holds_parallel, headers):
+    def __init__(self, limiter, token, request_id, holds_parallel, headers, rpm_name=None):
         self.limiter = limiter
         self.token = token
-        self.request_id = request_id
+        self.request_id = request_id  # the lease's member: unique per request
         self.holds_parallel = holds_parallel
         self.headers = headers
-        self.renew_at = time.monotonic() + limiter.lease / 4
-
-    def renew(self) -> None:
-        """Extend the lease of a long stream (called as chunks flow)."""
-        if self.holds_parallel and time.monotonic() >= self.renew_at:
-            self.renew_at = time.monotonic() + self.limiter.lease / 4
-            self.limiter.renew(self)
+        self.rpm_name = rpm_name  # the rpm window counter this request was counted in, if any
+        self.acquired_at = time.monotonic()
 
 
 def _limit(value) -> int:
@@ -76,6 +98,13 @@ class RateLimiter:
         self.names = names
         self.lease = lease_seconds
         self._acquire = client.register_script(_ACQUIRE)
+        self._refund = client.register_script(_REFUND)
+        self.held: dict[str, Slot] = {}  # this worker's leases, by member
+        self._lock = threading.Lock()
+        self._renewing = False
+        # Releases and refunds Redis refused: written with the next accounting batch.
+        self.deferred: collections.deque = collections.deque(maxlen=DEFERRED_MAX)
+        self.on_deferred = None  # set by Accounting: wakes its flusher
 
     @staticmethod
     def applies(key: dict) -> bool:
@@ -95,6 +124,9 @@ class RateLimiter:
         try:
             verdict, rpm, tpm_used, par = self._acquire(keys=keys, args=args)
         except REDIS_ERRORS:
+            if par_limit is not None:
+                # The reply may be what was lost, after the lease was taken: give it back later.
+                self._defer(Slot(self, token, request_id, True, {}))
             raise unavailable() from None
         verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
         headers = {}
@@ -111,20 +143,110 @@ class RateLimiter:
                     "parallel": f"max_parallel_requests of {par_limit}"}[verdict]
             raise GatewayError(429, f"Rate limit reached for this key: {what}; retry in {retry}s",
                                "rate_limit_error", headers={**headers, "Retry-After": str(retry)}, kind=verdict)
-        return Slot(self, token, request_id, par_limit is not None, headers)
+        slot = Slot(self, token, request_id, par_limit is not None, headers,
+                    keys[0] if rpm_limit is not None else None)
+        if slot.holds_parallel:
+            self._hold(slot)
+        return slot
 
-    def renew(self, slot: Slot) -> None:
-        try:
-            self.redis.zadd(self.names.parallel(slot.token), {slot.request_id: time.time() + self.lease}, xx=True)
-        except REDIS_ERRORS:
-            pass  # the lease runs out by itself; the stream is not interrupted for this
-
+    # -- giving back ------------------------------------------------------------------------
     def release(self, slot: Slot) -> None:
-        """Give the parallel lease back; if Redis is unreachable the lease expires by itself."""
+        """Give the parallel lease back (the request ended); never raises."""
+        if not slot.holds_parallel:
+            return
+        self._unhold(slot)
         try:
             self.redis.zrem(self.names.parallel(slot.token), slot.request_id)
-        except REDIS_ERRORS:
-            pass
+        except REDIS_ERRORS as exc:
+            self._defer(Slot(self, slot.token, slot.request_id, True, {}), exc)
+
+    def refund(self, slot: Slot) -> None:
+        """Undo the admission of a request refused after it (e.g. by the model check): its rpm
+        count goes back (if its window still exists) and its lease is dropped, atomically.
+        Idempotent; never raises (a Redis error queues it with accounting)."""
+        undo = Slot(self, slot.token, slot.request_id, slot.holds_parallel, {}, slot.rpm_name)
+        if slot.holds_parallel:
+            self._unhold(slot)
+        slot.holds_parallel, slot.rpm_name = False, None
+        if not undo.holds_parallel and undo.rpm_name is None:
+            return
+        try:
+            self._queue_undo(self.redis, undo)
+        except REDIS_ERRORS as exc:
+            self._defer(undo, exc)
+
+    def _queue_undo(self, client, undo: Slot) -> None:
+        """A release (lease only) or a refund (rpm and lease) on `client`: Redis or a pipeline."""
+        if undo.rpm_name is None:
+            client.zrem(self.names.parallel(undo.token), undo.request_id)
+            return
+        self._refund(keys=[undo.rpm_name, self.names.parallel(undo.token)],
+                     args=[undo.request_id, "1", "1" if undo.holds_parallel else "0"], client=client)
+
+    def _defer(self, undo: Slot, exc: BaseException | None = None) -> None:
+        if exc is not None:
+            incidents.report(exc, "Slot releases are queued and written when it answers.")
+        self.deferred.append(undo)
+        if self.on_deferred is not None:
+            self.on_deferred()
+
+    def take_deferred(self, pipe) -> list:
+        """Queue every deferred release/refund on `pipe`; the caller puts them back on failure."""
+        taken = []
+        while self.deferred:
+            taken.append(self.deferred.popleft())
+        for undo in taken:
+            self._queue_undo(pipe, undo)
+        return taken
+
+    def put_back(self, taken: list) -> None:
+        self.deferred.extendleft(reversed(taken))
+
+    # -- keeping leases alive ---------------------------------------------------------------
+    def _hold(self, slot: Slot) -> None:
+        with self._lock:
+            self.held[slot.request_id] = slot
+            start, self._renewing = not self._renewing, True
+        if start:
+            # Under gevent's monkey-patching this thread is a greenlet.
+            threading.Thread(target=self._renew_loop, name="lease-renewer", daemon=True).start()
+
+    def _unhold(self, slot: Slot) -> None:
+        with self._lock:
+            self.held.pop(slot.request_id, None)
+
+    def _renew_loop(self) -> None:
+        while True:
+            time.sleep(self.lease / 4)
+            with self._lock:
+                slots = list(self.held.values())
+                if not slots:
+                    self._renewing = False  # started again by the next held slot
+                    return
+            self.renew_held(slots)
+
+    def renew_held(self, slots: list) -> None:
+        """Extend the given leases (and their sets' lifetimes) in one round trip; never raises."""
+        now, mono = time.time(), time.monotonic()
+        by_token: dict[str, dict] = {}
+        for slot in slots:
+            if mono - slot.acquired_at > MAX_HOLD_SECONDS:
+                log.warning("parallel slot of request %s held over %ds: no longer renewed",
+                            slot.request_id, MAX_HOLD_SECONDS)
+                self._unhold(slot)
+                continue
+            by_token.setdefault(slot.token, {})[slot.request_id] = now + self.lease
+        if not by_token:
+            return
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for token, members in by_token.items():
+                name = self.names.parallel(token)
+                pipe.zadd(name, members, xx=True)  # a lease already given back is not revived
+                pipe.expire(name, int(self.lease) + 60)
+            pipe.execute()
+        except REDIS_ERRORS as exc:
+            incidents.report(exc, "Parallel leases are not renewed meanwhile.")
 
     def charge_tokens_into(self, pipe, token: str, tokens: int, at: float) -> None:
         """Charge tokens to the window the request ended in (queued on an accounting pipeline)."""
