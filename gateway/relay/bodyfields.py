@@ -128,14 +128,22 @@ def _elements(raw) -> list | None:
     return _decode_list(raw)
 
 
-def _prompt_chars(raw) -> int:
-    """`prompt`/`input`: a string's length, or the lengths of an array's strings."""
+def _text_chars(raw, part_text=None) -> int:
+    """A string's length, or the lengths of an array's strings (taken through `part_text` from
+    each object element when given); an array too long to count costs its bytes."""
     if _first(raw) != b"[":
         return _string_length(raw)
     items = _elements(raw)
     if items is None:
         return _size(raw)
+    if part_text is not None:
+        items = (part_text(item) for item in items if _first(item) == b"{")
     return sum(_string_length(item) for item in items)
+
+
+def _prompt_chars(raw) -> int:
+    """`prompt`/`input`: a string's length, or the lengths of an array's strings."""
+    return _text_chars(raw)
 
 
 def _messages(raw) -> tuple[int, int]:
@@ -156,12 +164,7 @@ def _messages(raw) -> tuple[int, int]:
 
 def _content_chars(raw) -> int:
     """A message's `content`: a string's length, or the lengths of its parts' `text`."""
-    if _first(raw) != b"[":
-        return _string_length(raw)
-    parts = _elements(raw)
-    if parts is None:
-        return _size(raw)
-    return sum(_string_length(_decode_part(part).text) for part in parts if _first(part) == b"{")
+    return _text_chars(raw, lambda part: _decode_part(part).text)
 
 
 def body_fields(body: bytes, content_type: str | None) -> dict | None:
