@@ -17,8 +17,8 @@ bp = Blueprint("spend", __name__)
 bp.before_request(master_only)
 
 
-def _accounting():
-    return services().accounting
+def _spend_log():
+    return services().accounting.log
 
 
 @bp.get("/spend/logs")
@@ -30,7 +30,7 @@ def spend_logs():
     key = request.args.get("key") or request.args.get("api_key")
     start, end = time_range()
     try:
-        result = _accounting().spend_logs(
+        result = _spend_log().query(
             token=KeyStore.token_of(key) if key else None,
             key_alias=request.args.get("key_alias"),
             end_user=request.args.get("end_user") or request.args.get("end_user_id"),
@@ -50,7 +50,7 @@ def end_user_info():
     if not end_user:
         raise GatewayError(400, "end_user_id: pass ?end_user_id=<id>", param="end_user_id")
     try:
-        totals = _accounting().end_user_totals(end_user)
+        totals = _spend_log().end_user_totals(end_user)
     except REDIS_ERRORS:
         raise unavailable() from None
     if totals is None:

@@ -7,7 +7,8 @@ import pytest
 import redis
 
 from gateway.core.redisnames import RedisNames
-from gateway.usage.accounting import ENTRY_MAX_BYTES, Accounting, stored_entry
+from gateway.usage.accounting import Accounting
+from gateway.usage.spendlog import ENTRY_MAX_BYTES, stored_entry
 
 TOKEN_A, TOKEN_B = "a" * 64, "b" * 64
 DAY = 86400
@@ -47,7 +48,7 @@ def test_caller_chosen_strings_cannot_grow_an_entry_past_its_cap():
 def test_the_log_reads_back_every_field_including_the_derived_ones(accounting):
     written = entry(end_user="alice", key_alias="team-a", caller="key:team-a")
     accounting.record(written, None)
-    [read] = accounting.spend_logs()["logs"]
+    [read] = accounting.log.query()["logs"]
     for name, value in written.items():
         assert read[name] == (pytest.approx(value) if isinstance(value, float) else value), name
 
@@ -57,11 +58,11 @@ def test_end_user_stats_are_per_key_and_summed(accounting):
     accounting.record(entry(end_user="alice"), {"token": TOKEN_A})
     accounting.record(entry(end_user="alice", token=TOKEN_B, spend=0.5), {"token": TOKEN_B})
     accounting.record(entry(end_user="alice", token=None), None)  # the master key
-    totals = accounting.end_user_totals("alice")
+    totals = accounting.log.end_user_totals("alice")
     assert totals["requests"] == 4 and totals["total_tokens"] == 32
     assert totals["spend"] == pytest.approx(3 * 0.013 + 0.5)
     assert {k: v["requests"] for k, v in totals["keys"].items()} == {TOKEN_A: 2, TOKEN_B: 1, "master": 1}
-    assert accounting.end_user_totals("bob") is None
+    assert accounting.log.end_user_totals("bob") is None
 
 
 def test_end_user_stats_expire_after_their_last_request(accounting, redis_client):
@@ -75,7 +76,7 @@ def test_an_index_entry_older_than_the_lifetime_is_not_reported(accounting, redi
     accounting.record(entry(end_user="dan"), {"token": TOKEN_A})
     index = accounting.names.end_user_keys("dan")
     redis_client.zadd(index, {TOKEN_B: time.time() - 31 * DAY})  # a key whose stats have expired
-    assert set(accounting.end_user_totals("dan")["keys"]) == {TOKEN_A}
+    assert set(accounting.log.end_user_totals("dan")["keys"]) == {TOKEN_A}
     assert redis_client.zscore(index, TOKEN_B) is None
 
 
