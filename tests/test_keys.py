@@ -4,6 +4,7 @@ import re
 
 import pytest
 
+from gateway.core.redisnames import RedisNames
 from tests.conftest import MASTER, wait_until
 
 
@@ -135,14 +136,14 @@ def test_expired_keys_stop_working_and_are_not_listed(kclient, redis_client):
     err = kclient.get("/vllm/v1/models", headers=auth).get_json()["error"]
     assert err["type"] == "expired_key" and "expired" in err["message"]
     assert kclient.get("/key/list?key_alias=brief", headers=MASTER).get_json()["total_count"] == 0
-    assert redis_client.get(redis_client.test_prefix + "key:" + created["token"]) is None
+    assert redis_client.get(RedisNames(redis_client.test_prefix).record(created["token"])) is None
     # The alias is free again once its key expired.
     assert kclient.post("/key/generate", headers=MASTER, json={"key_alias": "brief"}).status_code == 200
 
 
 def test_update_fields_alias_and_duration(kclient, redis_client):
     created = gen(kclient, key_alias="before", duration="1h")
-    record_key = redis_client.test_prefix + "key:" + created["token"]
+    record_key = RedisNames(redis_client.test_prefix).record(created["token"])
     resp = kclient.post("/key/update", headers=MASTER, json={"key": created["key"], "key_alias": "after", "rpm_limit": 5})
     assert resp.status_code == 200 and resp.get_json()["rpm_limit"] == 5
     assert 3500 < redis_client.ttl(record_key) <= 3600  # untouched lifetime

@@ -1,7 +1,12 @@
 """Every Redis key name the gateway uses, in one place.
 
-Per-key counters put the token in a hash tag (`{token}`) so a multi-key script on one
-virtual key stays in one Redis Cluster slot.
+Everything one request touches for one virtual key carries the key's token as a hash tag
+(`{token}`): its record, gone marker, spend, rate-limit windows, leases and its own spend log.
+In a Redis Cluster they all live in one slot, so a request's reads and scripts never cross slots
+and keys spread over every master. Names without a tag are single keys (indexes, the global
+spend log, usage buckets): nothing reads or writes them in the same command as another key.
+`gateway/keys/migrate.py` moves a keyspace of the earlier layout (untagged record and gone
+marker) to this one.
 """
 from __future__ import annotations
 
@@ -9,23 +14,47 @@ from __future__ import annotations
 class RedisNames:
     def __init__(self, prefix: str = "vgw:"):
         self.prefix = prefix
-        self.key_index = prefix + "keys"
         self.spend_log = prefix + "spendlog"
-        self.key_changes = prefix + "key-changes"  # pub/sub channel: tokens whose record changed
+        self.key_changes = prefix + "key-changes"  # (sharded) pub/sub channel: tokens whose record changed
         self.audit_log = prefix + "audit"  # stream of admin changes (gateway/keys/audit.py)
+        # Key indexes (gateway/keys/index.py): sorted sets of tokens.
+        self.keys_by_created = prefix + "keys:created"  # token -> created epoch (the listing order)
+        self.keys_by_expiry = prefix + "keys:expiry"  # token -> expiry epoch (+inf: never), for pruning
 
+    # -- one virtual key: one hash slot ----------------------------------------------------
     def record(self, token: str) -> str:
-        return f"{self.prefix}key:{token}"
-
-    def alias(self, alias: str) -> str:
-        return f"{self.prefix}alias:{alias}"
+        return f"{self.prefix}key:{{{token}}}"
 
     def gone(self, token: str) -> str:
-        return f"{self.prefix}gone:{token}"
+        return f"{self.prefix}gone:{{{token}}}"
 
     def key_spend(self, token: str) -> str:
         return f"{self.prefix}spend:{{{token}}}"
 
+    def key_log(self, token: str) -> str:
+        """The spend-log entries of one key (a capped stream beside the global one)."""
+        return f"{self.prefix}log:{{{token}}}"
+
+    def rpm(self, token: str, window: int) -> str:
+        return f"{self.prefix}rl:{{{token}}}:rpm:{window}"
+
+    def tpm(self, token: str, window: int) -> str:
+        return f"{self.prefix}rl:{{{token}}}:tpm:{window}"
+
+    def parallel(self, token: str) -> str:
+        return f"{self.prefix}rl:{{{token}}}:parallel"
+
+    # -- key indexes -------------------------------------------------------------------------
+    def alias(self, alias: str) -> str:
+        return f"{self.prefix}alias:{alias}"
+
+    def keys_by_user(self, user_id: str) -> str:
+        return f"{self.prefix}keys:user:{user_id}"
+
+    def keys_by_team(self, team_id: str) -> str:
+        return f"{self.prefix}keys:team:{team_id}"
+
+    # -- end users -----------------------------------------------------------------------------
     def end_user_stats(self, bucket: str, end_user: str) -> str:
         """One key's ("master" for the master key) usage by one end user."""
         return f"{self.prefix}eu:{{{bucket}}}:{end_user}"
@@ -34,14 +63,18 @@ class RedisNames:
         """Which keys an end user's stats exist under (sorted set: bucket -> last request)."""
         return f"{self.prefix}eu-keys:{end_user}"
 
-    def rpm(self, token: str, window: int) -> str:
-        return f"{self.prefix}rl:{{{token}}}:rpm:{window}"
+    def end_user_log(self, end_user: str) -> str:
+        """The spend-log entries of one end user (a capped stream)."""
+        return f"{self.prefix}eu-log:{end_user}"
 
-    def tpm(self, token: str, window: int) -> str:
-        return f"{self.prefix}rl:{{{token}}}:tpm:{window}"
+    # -- usage over time and single requests ---------------------------------------------------
+    def usage_bucket(self, interval: str, start: int) -> str:
+        """Counters of one hour or day (interval "hour"/"day", start epoch), by key, model, end user."""
+        return f"{self.prefix}usage:{interval}:{start}"
+
+    def request_entry(self, request_id: str) -> str:
+        """Where a request's spend-log entry is (for lookups by request id)."""
+        return f"{self.prefix}req:{request_id}"
 
     def sticky(self, response_id: str) -> str:
         return f"{self.prefix}resp:{response_id}"
-
-    def parallel(self, token: str) -> str:
-        return f"{self.prefix}rl:{{{token}}}:parallel"

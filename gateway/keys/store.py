@@ -1,13 +1,17 @@
 """Virtual keys in Redis: only sha256(key) is stored, lifetimes are Redis TTLs.
 
-Layout under the prefix (default `vgw:`):
-  key:<token>      JSON record of the key, PX = remaining lifetime (none when it never expires)
-  alias:<alias>    token owning the alias, same lifetime as the key
-  gone:<token>     why a key no longer works ("expired" / "regenerated"), kept 30 days longer,
+Layout under the prefix (default `vgw:`), every name of one key tagged `{token}` so that it
+lives in one Redis Cluster slot (gateway/core/redisnames.py):
+  key:{token}      JSON record of the key, PXAT = its expiry (none when it never expires)
+  gone:{token}     why a key no longer works ("expired" / "regenerated"), kept 30 days longer,
                    so a caller hears "expired" rather than "invalid"; it holds no key material
-  keys             sorted set token -> expiry epoch (inf = never), for listing without KEYS
-Multi-key changes run in WATCH/MULTI transactions, so no concurrent admin call loses a write;
-each change queues its audit entry (gateway/keys/audit.py) in the same transaction.
+  spend:{token}    its usage and budget-period spend (gateway/usage/accounting.py)
+and, in slots of their own, the alias and the listing indexes (gateway/keys/index.py).
+
+A sharded keyspace has no transaction across keys, so each record is changed in a WATCH/MULTI
+transaction on its own slot, and the indexes, aliases, carried-over spend and audit entry are
+written around it in an order that never loses a key: see each write's docstring. A write
+that finds a record changed under it starts again.
 
 A key and the copies it was regenerated from are one logical key. `/key/regenerate` with a grace
 period leaves the old key working for a while: the new record (the head) lists its live
@@ -34,6 +38,7 @@ from gateway.core.errors import GatewayError
 from gateway.core.redisconn import REDIS_ERRORS, unavailable
 from gateway.core.timefmt import iso
 from gateway.keys.cache import KeyCache
+from gateway.keys.index import KeyIndex
 from gateway.core.redisnames import RedisNames
 from gateway.core.runtime import gevent_patched
 
@@ -43,6 +48,14 @@ SUPERSEDED = "superseded"
 # Fields only the head carries; a superseded copy has its own token, name and lifetime.
 _HEAD_ONLY = ("previous_tokens", "superseded_by", "status")
 _TOKEN = re.compile(r"[0-9a-f]{64}")
+# Regenerate: hand the old key's spend over to the new key. Runs on the old key's slot: marks
+# the hash `moved_to` (accounting forwards charges that still arrive for the old token) and
+# returns what it held, which the store adds to the new key's hash.
+_CARRY_SPEND = """
+local held = redis.call('HGETALL', KEYS[1])
+redis.call('HSET', KEYS[1], 'moved_to', ARGV[1])
+return held
+"""
 
 
 def key_name(key: str) -> str:
@@ -66,7 +79,8 @@ class KeyStore:
         # changes; elsewhere (tests, dev server) every request reads Redis.
         use_cache = (gevent_patched() if cache is None else cache) and cache_ttl > 0
         self.cache = KeyCache(client, names.key_changes, cache_ttl) if use_cache else None
-        self.index = names.key_index
+        self.keys = KeyIndex(client, names)
+        self._carry = client.register_script(_CARRY_SPEND)
         self.record_key = names.record
         self.alias_key = names.alias
         self.gone_key = names.gone
@@ -167,25 +181,38 @@ class KeyStore:
             log.warning("key change not published; other workers see it within KEY_CACHE_TTL")
 
     def list(self, page: int, size: int, key_alias=None, user_id=None, team_id=None, full=False) -> dict:
+        """A page of keys, newest first, read through an index: one page of records per call,
+        whatever the number of keys (filters use the alias, user or team index)."""
+        start = (page - 1) * size
         try:
-            self.redis.zremrangebyscore(self.index, "-inf", time.time())
-            tokens = self.redis.zrange(self.index, 0, -1)
-            records = []
-            for start in range(0, len(tokens), 500):
-                batch = tokens[start:start + 500]
-                raws = self.redis.mget([self.record_key(t) for t in batch])
-                records += [json.loads(r) for r in raws if r]
+            self.keys.prune_expired(time.time())
+            if key_alias is not None:
+                # The alias's owner and the copies it was regenerated from (they carry it too).
+                owner = self.keys.alias_owner(key_alias)
+                head = self.get(owner) if owner else None
+                total, tokens, index = 0, self._tokens(head) if head else [], None
+            else:
+                index = (self.names.keys_by_user(user_id) if user_id is not None
+                         else self.names.keys_by_team(team_id) if team_id is not None
+                         else self.names.keys_by_created)
+                total, tokens = self.keys.page(index, start, start + size - 1)
+            records = self._records(tokens)
         except REDIS_ERRORS:
             raise unavailable() from None
         now = time.time()
-        records = [r for r in records
-                   if (r.get("expires_at") is None or r["expires_at"] > now)
-                   and (key_alias is None or r.get("key_alias") == key_alias)
-                   and (user_id is None or r.get("user_id") == user_id)
-                   and (team_id is None or r.get("team_id") == team_id)]
-        records.sort(key=lambda r: (r["created_at"], r["token"]), reverse=True)
-        total = len(records)
-        chosen = records[(page - 1) * size: page * size]
+        live = {t: r for t, r in records.items()
+                if r is not None and (r.get("expires_at") is None or r["expires_at"] > now)
+                and (user_id is None or r.get("user_id") == user_id)
+                and (team_id is None or r.get("team_id") == team_id)}
+        if index is not None and len(live) < len(tokens):
+            try:  # entries of keys that are gone (or left this user/team): dropped as they are met
+                self.keys.forget(index, [t for t in tokens if t not in live])
+            except REDIS_ERRORS:
+                pass
+        chosen = [live[t] for t in tokens if t in live]
+        if key_alias is not None:
+            chosen = [r for r in chosen if r.get("key_alias") == key_alias]
+            total, chosen = len(chosen), chosen[start:start + size]
         return {
             "keys": chosen if full else [r["token"] for r in chosen],
             "total_count": total,
@@ -193,99 +220,147 @@ class KeyStore:
             "total_pages": (total + size - 1) // size,
         }
 
+    def _records(self, tokens: list[str]) -> dict[str, dict | None]:
+        if not tokens:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)  # one slot each: fine on a cluster
+        for token in tokens:
+            pipe.get(self.record_key(token))
+        return {t: json.loads(raw) if raw else None for t, raw in zip(tokens, pipe.execute())}
+
     # -- writing ----------------------------------------------------------------------------
+    # Every write below changes one record at a time, each in a WATCH/MULTI transaction on the
+    # record's own slot; the indexes and aliases follow the order gateway/keys/index.py
+    # describes. Redis errors become a 503 (the change may be partly done; repeating it is safe).
     def _transaction(self, fn, *watched):
-        try:
-            return self.redis.transaction(fn, *watched, value_from_callable=True)
-        except REDIS_ERRORS:
-            raise unavailable() from None
+        return self.redis.transaction(fn, *watched, value_from_callable=True)
 
-    def _alias_taken(self, pipe, alias: str, token: str) -> bool:
-        owner = pipe.get(self.alias_key(alias))
-        return bool(owner) and owner != token and bool(pipe.exists(self.record_key(owner)))
+    def _exists(self, token: str) -> bool:
+        return bool(self.redis.exists(self.record_key(token)))
 
-    def _lineage(self, pipe, token: str) -> tuple[dict | None, list[dict]]:
-        """(head, live superseded copies) of the logical key `token` belongs to.
+    def _claim_alias(self, alias: str, token: str, expires_at) -> None:
+        if self.keys.claim_alias(alias, token, expires_at, self._exists):
+            raise GatewayError(400, f"key_alias: {alias!r} is already used by another key", param="key_alias")
 
-        Runs before MULTI and WATCHes everything it reads, so a concurrent regenerate or expiry
-        makes the transaction retry with the new head. The head's `previous_tokens` comes back
-        pruned to the copies that still live.
-        """
-        pipe.watch(self.record_key(token))
-        raw = pipe.get(self.record_key(token))
-        if raw is None:
-            return None, []
-        head = json.loads(raw)
-        if head.get("superseded_by"):
-            pipe.watch(self.record_key(head["superseded_by"]))
-            raw = pipe.get(self.record_key(head["superseded_by"]))
-            if raw is None:  # the head is gone (deleted, expired): this copy stands alone
-                return {k: v for k, v in head.items() if k not in _HEAD_ONLY}, []
-            head = json.loads(raw)
-        ends = head.get("previous_tokens") or {}
-        copies = []
-        if ends:
-            names = [self.record_key(t) for t in ends]
-            pipe.watch(*names)
-            now = time.time()
-            copies = [json.loads(r) for r in pipe.mget(names) if r]
-            copies = [c for c in copies if ends[c["token"]] > now]
-        head["previous_tokens"] = {c["token"]: ends[c["token"]] for c in copies}
-        return head, copies
-
-    def _write(self, pipe, record: dict):
-        """Queue the writes for one head record (inside MULTI).
+    def _queue_record(self, pipe, record: dict, gone: str = "expired") -> None:
+        """Queue the record and its gone marker (inside MULTI).
 
         Lifetimes are absolute (PXAT from `expires_at`), so Redis and the record agree on the
         instant a key dies, and rewriting a record never stretches its life.
         """
-        token, alias = record["token"], record.get("key_alias")
+        token = record["token"]
         body = json.dumps(record, separators=(",", ":"))
         expires_at = record.get("expires_at")
-        at_ms = int(expires_at * 1000) if expires_at is not None else None
-        if at_ms:
+        if expires_at is not None:
+            at_ms = int(expires_at * 1000)
             pipe.set(self.record_key(token), body, pxat=at_ms)
-            pipe.set(self.gone_key(token), "expired", pxat=at_ms + GONE_RETENTION_MS)
+            pipe.set(self.gone_key(token), gone, pxat=at_ms + GONE_RETENTION_MS)
         else:
             pipe.set(self.record_key(token), body)
             pipe.delete(self.gone_key(token))
-        if alias:
-            pipe.set(self.alias_key(alias), token, pxat=at_ms)
-        pipe.zadd(self.index, {token: expires_at if expires_at is not None else "+inf"})
 
-    def _write_copies(self, pipe, head: dict, copies: list[dict]) -> None:
-        """Queue each live copy rewritten from the head: same settings, its own token, name and end.
+    def _index(self, record: dict, before: dict | None = None) -> None:
+        """List `record` (and unlist the user/team it no longer has)."""
+        pipe = self.redis.pipeline(transaction=False)
+        if before is not None and (before.get("user_id"), before.get("team_id")) != (
+                record.get("user_id"), record.get("team_id")):
+            self.keys.remove_owners(pipe, before)
+        self.keys.add(pipe, record)
+        pipe.execute()
 
-        A copy never outlives the head (a shorter duration set on the head cuts its grace).
-        The alias stays with the head.
-        """
+    def _unindex(self, records: list[dict]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for record in records:
+            self.keys.remove(pipe, record)
+        pipe.execute()
+
+    def _head_of(self, token: str) -> tuple[dict | None, list[dict]]:
+        """(head, live superseded copies) of the logical key `token` belongs to; the head's
+        `previous_tokens` comes back pruned to the copies that still live."""
+        record = self.get(token)
+        if record is None:
+            return None, []
+        if record.get("superseded_by"):
+            head = self.get(record["superseded_by"])
+            if head is None:  # the head is gone (deleted, expired): this copy stands alone
+                return {k: v for k, v in record.items() if k not in _HEAD_ONLY}, []
+            record = head
+        ends = record.get("previous_tokens") or {}
+        now = time.time()
+        copies = [c for c in self._records(list(ends)).values() if c is not None and ends[c["token"]] > now]
+        record["previous_tokens"] = {c["token"]: ends[c["token"]] for c in copies}
+        return record, copies
+
+    def _rewrite(self, token: str, build, expected: dict | None = None):
+        """Rewrite one record with `build(current) -> (new record, result)` in a transaction on
+        its slot; `expected` (the record the caller decided on) must still be what is stored,
+        else Retry: a concurrent admin write got there first."""
+        def apply(pipe):
+            raw = pipe.get(self.record_key(token))
+            current = json.loads(raw) if raw else None
+            if expected is not None and (current or {}).get("updated_at") != expected.get("updated_at"):
+                raise _Retry()
+            new, result = build(current)
+            pipe.multi()
+            if new is not None:
+                self._queue_record(pipe, new, "regenerated" if new.get("superseded_by") else "expired")
+            return result
+        return self._transaction(apply, self.record_key(token))
+
+    def _copy_of(self, head: dict, old: dict, end: float) -> dict:
+        """A live superseded copy rewritten from the head: same settings, its own token, name
+        and end. A copy never outlives the head; the alias stays with the head."""
+        if head.get("expires_at") is not None:
+            end = min(end, head["expires_at"])
+        copy = {k: v for k, v in head.items() if k not in _HEAD_ONLY}
+        copy.update(token=old["token"], key_name=old["key_name"], status=SUPERSEDED,
+                    superseded_by=head["token"], expires_at=end, expires=iso(end))
+        return copy
+
+    def _write_copies(self, head: dict, copies: list[dict]) -> None:
         ends = head.get("previous_tokens") or {}
         for old in copies:
-            end = ends[old["token"]]
-            if head.get("expires_at") is not None:
-                end = min(end, head["expires_at"])
-            copy = {k: v for k, v in head.items() if k not in _HEAD_ONLY}
-            copy.update(token=old["token"], key_name=old["key_name"], status=SUPERSEDED,
-                        superseded_by=head["token"], expires_at=end, expires=iso(end))
-            at_ms = int(end * 1000)
-            pipe.set(self.record_key(old["token"]), json.dumps(copy, separators=(",", ":")), pxat=at_ms)
-            pipe.set(self.gone_key(old["token"]), "regenerated", pxat=at_ms + GONE_RETENTION_MS)
-            pipe.zadd(self.index, {old["token"]: end})
+            copy = self._copy_of(head, old, ends[old["token"]])
+            self._rewrite(old["token"], lambda current, copy=copy: (copy if current else None, None))
+            self._index(copy, old)
 
-    def _retire(self, pipe, token: str) -> None:
-        """Queue: this old key stops now; for 30 days it hears "regenerated"."""
-        pipe.delete(self.record_key(token))
-        pipe.zrem(self.index, token)
-        pipe.set(self.gone_key(token), "regenerated", px=GONE_RETENTION_MS)
+    def _retire(self, tokens: list[str]) -> None:
+        """These old keys stop now; for 30 days they hear "regenerated"."""
+        pipe = self.redis.pipeline(transaction=False)
+        for token in tokens:
+            pipe.delete(self.record_key(token))
+            pipe.set(self.gone_key(token), "regenerated", px=GONE_RETENTION_MS)
+        pipe.execute()
 
-    def _drop(self, pipe, token: str) -> None:
-        """Queue: delete this key and everything stored about it."""
-        pipe.delete(self.record_key(token), self.gone_key(token), self.names.key_spend(token))
-        pipe.zrem(self.index, token)
+    def _drop(self, tokens: list[str]) -> None:
+        """Delete these keys and everything stored about them (one slot each)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for token in tokens:
+            pipe.delete(self.record_key(token), self.gone_key(token), self.names.key_spend(token))
+        pipe.execute()
+
+    def _carry_spend(self, old: str, new: str) -> None:
+        """The new key starts with the old key's spend (a copy across slots, not COPY)."""
+        held = self._carry(keys=[self.names.key_spend(old)], args=[new])
+        fields = dict(zip(held[::2], held[1::2])) if isinstance(held, list) else dict(held or {})
+        fields.pop("moved_to", None)
+        if fields:
+            self.redis.hset(self.names.key_spend(new), mapping=fields)
 
     @staticmethod
     def _tokens(head: dict) -> list[str]:
         return [head["token"], *(head.get("previous_tokens") or {})]
+
+    def _retrying(self, fn):
+        """Run an admin write, again when a concurrent one changed a record under it."""
+        for _ in range(20):
+            try:
+                return fn()
+            except _Retry:
+                continue
+            except REDIS_ERRORS:
+                raise unavailable() from None
+        raise GatewayError(409, "the key kept changing under this request; retry", "conflict")
 
     def generate(self, fields: dict, *, caller: str) -> dict:
         """Create a key from validated fields; returns the record plus the plaintext `key`."""
@@ -306,35 +381,38 @@ class KeyStore:
                       expires_at=now + ttl if ttl else None, expires=iso(now + ttl) if ttl else None)
         alias = record.get("key_alias")
 
-        def create(pipe):
-            if pipe.exists(self.record_key(token)):
+        def create():
+            if self._exists(token):
                 raise GatewayError(400, "key: a key with this value already exists", param="key")
-            if alias and self._alias_taken(pipe, alias, token):
-                raise GatewayError(400, f"key_alias: {alias!r} is already used by another key", param="key_alias")
-            pipe.multi()
-            self._write(pipe, record)
-            self.audit.add(pipe, "generate", caller, record, fields, custom_key=bool(custom))
+            if alias:
+                self._claim_alias(alias, token, record["expires_at"])
+            self._index(record)
 
-        watched = [self.record_key(token)] + ([self.alias_key(alias)] if alias else [])
-        self._transaction(create, *watched)
+            def build(current):
+                if current is not None:
+                    raise GatewayError(400, "key: a key with this value already exists", param="key")
+                return record, None
+            try:
+                self._rewrite(token, build)
+            except GatewayError:
+                if alias:
+                    self.keys.release_alias(alias, token)
+                raise
+            self.audit.add(self.redis, "generate", caller, record, fields, custom_key=bool(custom))
+
+        self._retrying(create)
         return {**record, "key": key}
 
     def update(self, record: dict, changes: dict, *, caller: str, action: str = "update") -> dict:
         """Apply validated changes to the logical key `record` belongs to (its head and every
         live copy); a new duration restarts the lifetime, None removes it."""
-        now = time.time()
-
-        def apply(pipe):
-            head, copies = self._lineage(pipe, record["token"])
+        def apply():
+            head, copies = self._head_of(record["token"])
             if head is None:
                 raise GatewayError(404, "no such key (it may have expired or been deleted)", "not_found_error", param="key")
-            token, old_alias = head["token"], head.get("key_alias")
+            now = time.time()
+            old_alias = head.get("key_alias")
             new_alias = changes.get("key_alias", old_alias)
-            aliases = [self.alias_key(a) for a in {old_alias, new_alias} if a]
-            if aliases:
-                pipe.watch(*aliases)
-            if new_alias and new_alias != old_alias and self._alias_taken(pipe, new_alias, token):
-                raise GatewayError(400, f"key_alias: {new_alias!r} is already used by another key", param="key_alias")
             updated = {**head, **{k: v for k, v in changes.items() if k != "duration"}, "updated_at": iso(now)}
             if "duration" in changes:
                 duration = changes["duration"]
@@ -342,57 +420,67 @@ class KeyStore:
                 updated["duration"] = duration
                 updated["expires_at"] = now + seconds if seconds else None
                 updated["expires"] = iso(updated["expires_at"])
-            pipe.multi()
+            if new_alias:
+                self._claim_alias(new_alias, head["token"], updated["expires_at"])
+            self._index(updated, head)
+            try:
+                self._rewrite(head["token"], lambda current: (updated, None), expected=head)
+            except _Retry:
+                if new_alias and new_alias != old_alias:
+                    self.keys.release_alias(new_alias, head["token"])
+                raise
             if old_alias and old_alias != new_alias:
-                pipe.delete(self.alias_key(old_alias))
-            self._write(pipe, updated)
-            self._write_copies(pipe, updated, copies)
-            self.audit.add(pipe, action, caller, updated, changes)
+                self.keys.release_alias(old_alias, head["token"])
+            self._write_copies(updated, copies)
+            self.audit.add(self.redis, action, caller, updated, changes)
             return updated
 
-        updated = self._transaction(apply, self.record_key(record["token"]))
+        updated = self._retrying(apply)
         self._changed(*self._tokens(updated))
         return updated
 
     def delete(self, records: list[dict], *, caller: str) -> None:
-        """Delete several keys at once (all or nothing), each with its live superseded copies."""
-        def remove(pipe):
+        """Delete keys, each with its live superseded copies. Each key goes at once (its
+        record and copies first, then its alias and index entries); a Redis error midway
+        leaves the rest, and repeating the call finishes it."""
+        def remove():
             heads = {}
             for r in records:
-                head, _ = self._lineage(pipe, r["token"])
+                head, copies = self._head_of(r["token"])
                 if head is not None:
-                    heads[head["token"]] = head
-            aliases = [h["key_alias"] for h in heads.values() if h.get("key_alias")]
-            if aliases:
-                pipe.watch(*[self.alias_key(a) for a in aliases])
-            owners = {a: pipe.get(self.alias_key(a)) for a in aliases}
-            pipe.multi()
-            for head in heads.values():
-                for token in self._tokens(head):
-                    self._drop(pipe, token)
-                if head.get("key_alias") and owners.get(head["key_alias"]) == head["token"]:
-                    pipe.delete(self.alias_key(head["key_alias"]))
-                copies = {"previous_tokens": list(head["previous_tokens"])} if head["previous_tokens"] else {}
-                self.audit.add(pipe, "delete", caller, head, **copies)
-            return [t for head in heads.values() for t in self._tokens(head)]
+                    heads[head["token"]] = (head, copies)
+            gone = []
+            for head, copies in heads.values():
+                tokens = self._tokens(head)
+                self._drop(tokens)
+                if head.get("key_alias"):
+                    self.keys.release_alias(head["key_alias"], head["token"])
+                self._unindex([head, *copies])
+                extra = {"previous_tokens": list(head["previous_tokens"])} if head.get("previous_tokens") else {}
+                self.audit.add(self.redis, "delete", caller, head, **extra)
+                gone += tokens
+            return gone
 
-        gone = self._transaction(remove, *[self.record_key(r["token"]) for r in records])
+        gone = self._retrying(remove)
         self._changed(*{r["token"] for r in records}, *gone)
 
     def regenerate(self, record: dict, grace_seconds: int | None, custom_key: str | None = None,
                    *, caller: str) -> dict:
         """Issue a new key with the same settings. The old key, and any older copy still in its
-        grace period, stops now, or at the latest after the new grace period."""
+        grace period, stops now, or at the latest after the new grace period.
+
+        Order: the new key is written (with the old key's spend carried over) before anything of
+        the old one changes, so a failure midway leaves the old key working and no spend lost."""
         key = custom_key or new_key()
         token = hash_key(key)
-        now = time.time()
 
-        def swap(pipe):
-            head, copies = self._lineage(pipe, record["token"])
+        def swap():
+            head, copies = self._head_of(record["token"])
             if head is None:
                 raise GatewayError(404, "no such key (it may have expired or been deleted)", "not_found_error", param="key")
-            if pipe.exists(self.record_key(token)):
+            if self._exists(token):
                 raise GatewayError(400, "new_key: a key with this value already exists", param="new_key")
+            now = time.time()
             old = head["token"]
             fresh = {**head, "token": token, "key_name": key_name(key), "updated_at": iso(now),
                      "regenerated_at": iso(now), "previous_tokens": {}}
@@ -400,19 +488,30 @@ class KeyStore:
                 cutoff = now + grace_seconds
                 ends = {t: min(end, cutoff) for t, end in head["previous_tokens"].items()}
                 fresh["previous_tokens"] = {**ends, old: cutoff}
-            pipe.multi()
-            self._write(pipe, fresh)
-            # Spend and budget carry over to the new key.
-            pipe.copy(self.names.key_spend(old), self.names.key_spend(token), replace=True)
-            survivors = [c for c in [*copies, head] if c["token"] in fresh["previous_tokens"]]
-            self._write_copies(pipe, fresh, survivors)
-            for c in [*copies, head]:
-                if c["token"] not in fresh["previous_tokens"]:
-                    self._retire(pipe, c["token"])
-            self.audit.add(pipe, "regenerate", caller, fresh, {"grace_period": grace_seconds},
-                           previous_token=old, custom_key=bool(custom_key))
-            return fresh, [c["token"] for c in [*copies, head]]
+            self._index(fresh)
 
-        fresh, old_tokens = self._transaction(swap, self.record_key(record["token"]), self.record_key(token))
+            def build(current):
+                if current is not None:
+                    raise GatewayError(400, "new_key: a key with this value already exists", param="new_key")
+                return fresh, None
+            self._rewrite(token, build)
+            self._carry_spend(old, token)
+            if head.get("key_alias"):  # the alias moves to the new key (it was old's: a takeover)
+                self.keys.claim_alias(head["key_alias"], token, fresh["expires_at"], lambda owner: owner != old)
+            everyone = [*copies, head]
+            survivors = [c for c in everyone if c["token"] in fresh["previous_tokens"]]
+            retired = [c for c in everyone if c["token"] not in fresh["previous_tokens"]]
+            self._write_copies(fresh, survivors)
+            self._retire([c["token"] for c in retired])
+            self._unindex(retired)
+            self.audit.add(self.redis, "regenerate", caller, fresh, {"grace_period": grace_seconds},
+                           previous_token=old, custom_key=bool(custom_key))
+            return fresh, [c["token"] for c in everyone]
+
+        fresh, old_tokens = self._retrying(swap)
         self._changed(*old_tokens)
         return {**fresh, "key": key}
+
+
+class _Retry(Exception):
+    """A record changed between reading and writing it: start the admin write again."""
