@@ -1,8 +1,9 @@
 """The audit log: who changed which virtual key, when, and which fields.
 
-Every admin change (generate, update, block, unblock, regenerate, delete) adds one entry, queued
-by the key store inside the same MULTI as the change itself, so there is no change without its
-entry and no entry for a change that did not happen.
+Every admin change (generate, update, block, unblock, regenerate, delete) adds one entry, written
+by the key store right after the change succeeded, so there is no entry for a change that did
+not happen. (The stream lives in a slot of its own, so on a sharded Redis it cannot share the
+change's transaction: a Redis failure between the two loses the entry, never the change.)
 
 Stored in one Redis stream (`<prefix>audit`); the stream id is the time of the change. Bounded
 two ways, without a setting: at most MAX_ENTRIES entries (approximate trimming, so a little
@@ -44,7 +45,7 @@ class AuditLog:
         self.stream = names.audit_log
 
     def add(self, pipe, action: str, caller: str, record: dict, changes: dict | None = None, **extra) -> None:
-        """Queue one entry on `pipe` (a MULTI pipeline, or the client itself)."""
+        """Add one entry through `pipe` (the client, or a pipeline the caller executes)."""
         entry = {"action": action, "caller": caller, "token": record["token"],
                  "key_alias": record.get("key_alias"), "changes": recorded_changes(changes)}
         entry.update({k: v for k, v in extra.items() if k not in SECRET_FIELDS})

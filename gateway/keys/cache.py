@@ -5,17 +5,31 @@ is kept for at most TTL (under one second); every admin change (update, block, d
 regenerate) evicts the token here and publishes it on a Redis channel that every worker of
 every gateway instance listens to, so revocations normally land in milliseconds and at worst
 within TTL. Expiry is checked against the record's own deadline on every request.
+
+On a Redis Cluster the channel is a sharded one (SPUBLISH/SSUBSCRIBE): classic pub/sub there
+copies every message to every node. The listener subscribes on the node that owns the
+channel's slot; when that node fails, the subscription breaks, and the listener subscribes
+again (on the promoted node) and clears the cache, since changes published meanwhile are lost.
 """
 from __future__ import annotations
 
 import logging
 import time
 
+from redis.cluster import RedisCluster
+
 from gateway.core.redisconn import REDIS_ERRORS, incidents
 
 log = logging.getLogger("gateway")
 
 MAX_ENTRIES = 50_000
+
+
+def publish_changes(client, channel: str, tokens) -> None:
+    """Tell every worker (of every instance) to drop these tokens; raises Redis errors."""
+    send = client.spublish if isinstance(client, RedisCluster) else client.publish
+    for token in tokens:
+        send(channel, token)
 
 
 class KeyCache:
@@ -25,6 +39,8 @@ class KeyCache:
         self.ttl = ttl
         self.entries: dict[str, tuple[float, dict, tuple]] = {}
         self._listening = False
+        self.sharded = isinstance(client, RedisCluster)
+
 
     def get(self, token: str):
         """(record, budget) when cached and fresh, else None."""
@@ -61,11 +77,8 @@ class KeyCache:
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                pubsub.subscribe(self.channel)
-                self.entries.clear()  # anything published while we were not listening is lost
-                for message in pubsub.listen():
-                    if message.get("type") == "message":
-                        self.entries.pop(message["data"], None)
+                for token in self._messages(pubsub):
+                    self.entries.pop(token, None)
             except REDIS_ERRORS as exc:  # an outage: logged once per incident, not every second
                 incidents.report(exc, "The key cache listener reconnects every second.")
             except Exception as exc:
@@ -77,3 +90,18 @@ class KeyCache:
                     pass
             self.entries.clear()
             gevent.sleep(1.0)
+
+    def _messages(self, pubsub):
+        """The tokens published on the channel, until the subscription breaks (raises)."""
+        if self.sharded:
+            pubsub.ssubscribe(self.channel)
+            self.entries.clear()  # anything published while we were not listening is lost
+            while True:
+                message = pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=5.0)
+                if message and message.get("type") == "smessage":
+                    yield message["data"]
+        pubsub.subscribe(self.channel)
+        self.entries.clear()
+        for message in pubsub.listen():
+            if message.get("type") == "message":
+                yield message["data"]

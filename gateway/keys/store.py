@@ -37,7 +37,7 @@ from gateway.core.durations import parse_duration
 from gateway.core.errors import GatewayError
 from gateway.core.redisconn import REDIS_ERRORS, unavailable
 from gateway.core.timefmt import iso
-from gateway.keys.cache import KeyCache
+from gateway.keys.cache import KeyCache, publish_changes
 from gateway.keys.index import KeyIndex
 from gateway.core.redisnames import RedisNames
 from gateway.core.runtime import gevent_patched
@@ -175,8 +175,7 @@ class KeyStore:
             self.cache.evict(tokens)
         # Every other worker, of this instance or another, evicts what is published here.
         try:
-            for token in tokens:
-                self.redis.publish(self.names.key_changes, token)
+            publish_changes(self.redis, self.names.key_changes, tokens)
         except REDIS_ERRORS:  # their cache TTL still bounds staleness; the change itself is saved
             log.warning("key change not published; other workers see it within KEY_CACHE_TTL")
 
@@ -336,7 +335,8 @@ class KeyStore:
         """Delete these keys and everything stored about them (one slot each)."""
         pipe = self.redis.pipeline(transaction=False)
         for token in tokens:
-            pipe.delete(self.record_key(token), self.gone_key(token), self.names.key_spend(token))
+            for name in (self.record_key(token), self.gone_key(token), self.names.key_spend(token)):
+                pipe.delete(name)  # one by one: a cluster pipeline refuses multi-key DEL
         pipe.execute()
 
     def _carry_spend(self, old: str, new: str) -> None:
