@@ -128,6 +128,29 @@ def test_list_paginates_and_filters(kclient):
         assert kclient.get("/key/list?" + bad, headers=MASTER).status_code == 400
 
 
+def test_list_reads_one_page_of_records_not_every_key(kclient, monkeypatch):
+    made = [gen(kclient, user_id="u" if i % 3 == 0 else None)["token"] for i in range(40)]
+    store = kclient.application.extensions["gateway"].keystore
+    read = []
+    original = store._records
+    monkeypatch.setattr(store, "_records", lambda tokens: read.extend(tokens) or original(tokens))
+    page = kclient.get("/key/list?page=2&size=5", headers=MASTER).get_json()
+    assert page["keys"] == made[::-1][5:10] and page["total_count"] == 40
+    assert sorted(read) == sorted(page["keys"])  # five records read, not forty
+    read.clear()
+    mine = kclient.get("/key/list?user_id=u&size=3", headers=MASTER).get_json()
+    assert mine["total_count"] == 14 and mine["keys"] == [t for t in made[::-1] if made.index(t) % 3 == 0][:3]
+    assert len(read) == 3
+
+
+def test_list_skips_and_forgets_index_entries_of_vanished_records(kclient, redis_client):
+    kept, lost = gen(kclient, user_id="u"), gen(kclient, user_id="u")
+    names = RedisNames(redis_client.test_prefix)
+    redis_client.delete(names.record(lost["token"]))  # e.g. a write interrupted between index and record
+    assert kclient.get("/key/list?user_id=u", headers=MASTER).get_json()["keys"] == [kept["token"]]
+    assert redis_client.zrange(names.keys_by_user("u"), 0, -1) == [kept["token"]]
+
+
 def test_expired_keys_stop_working_and_are_not_listed(kclient, redis_client):
     created = gen(kclient, duration="1s", key_alias="brief")
     auth = {"Authorization": f"Bearer {created['key']}"}
