@@ -35,10 +35,11 @@ def test_client_disconnect_mid_stream_stops_vllm(real_gateway, real_vllm):
         received += data
     assert real_vllm.metric("vllm:num_requests_running") == 1
     s.close()
-    hung_up = time.monotonic()
-    real_vllm.wait_aborted(request_id, timeout=1.0)
-    assert wait_until(lambda: real_vllm.metric("vllm:num_requests_running") == 0,
-                      timeout=1.0 - (time.monotonic() - hung_up))
+    # vLLM logs "aborted" only for a request it did not finish, so the line itself proves the
+    # abort; the deadline is generous because the full suite loads this 2-core machine (alone,
+    # it comes within 25-160 ms; a run to max_tokens would take ~1.6 s and log no abort).
+    real_vllm.wait_aborted(request_id, timeout=5.0)
+    assert wait_until(lambda: real_vllm.metric("vllm:num_requests_running") == 0, timeout=5.0)
 
 
 def test_client_gone_before_the_first_token_aborts_vllm(real_gateway, real_vllm):
