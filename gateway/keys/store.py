@@ -100,6 +100,14 @@ class KeyStore:
             return False, type(exc).__name__
         return True, "PONG"
 
+    def has_earlier_layout(self) -> bool:
+        """Whether keys of the earlier layout (untagged names, one `keys` index) are still in
+        Redis: this version cannot see them until `python -m gateway.keys.migrate` has run."""
+        try:
+            return bool(self.redis.exists(self.names.prefix + "keys"))
+        except REDIS_ERRORS:
+            return False
+
     def get(self, token: str) -> dict | None:
         try:
             raw = self.redis.get(self.record_key(token))
