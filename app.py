@@ -22,6 +22,7 @@ from gateway.relay.transport import build_session
 from gateway.relay.upstream import Upstream
 from gateway.services import Services
 from gateway.usage.accounting import Accounting
+from gateway.usage.budgets import Budgets
 from gateway.usage.limits import RateLimiter
 
 log = logging.getLogger("gateway")
@@ -74,13 +75,16 @@ def build_services(settings: Settings, redis_client, session=None) -> Services:
     keystore = KeyStore(redis_client, names, settings.key_cache_ttl, audit=audit)
     authenticator = Authenticator(settings.master_key, keystore)
     limiter = RateLimiter(redis_client, names, settings.parallel_lease_seconds)
+    # BUDGET_DEFAULT_MAX_TOKENS: read with a default until the settings carry it.
+    budgets = Budgets(redis_client, names, settings.prices, settings.parallel_lease_seconds,
+                      getattr(settings, "budget_default_max_tokens", 0))
     accounting = Accounting(redis_client, names, settings.prices, settings.spend_log_max, limiter,
-                            end_user_ttl=settings.end_user_stats_ttl)
+                            end_user_ttl=settings.end_user_stats_ttl, budgets=budgets)
     passthrough = Passthrough(replicas, upstreams[0].auth_header, authenticator, settings.max_body_bytes,
-                              accounting, limiter, metrics, settings.body_read_timeout)
+                              accounting, limiter, metrics, settings.body_read_timeout, budgets)
     return Services(settings=settings, redis=redis_client, session=session, metrics=metrics,
                     replicas=replicas, keystore=keystore, audit=audit, auth=authenticator, limiter=limiter,
-                    accounting=accounting, passthrough=passthrough)
+                    budgets=budgets, accounting=accounting, passthrough=passthrough)
 
 
 def _register_blueprints(app: Flask) -> None:

@@ -14,6 +14,7 @@ from gateway.keys.store import KeyStore
 from gateway.relay.exchange import Passthrough
 from gateway.relay.replicas import Replicas
 from gateway.usage.accounting import Accounting
+from gateway.usage.budgets import Budgets
 from gateway.usage.limits import RateLimiter
 
 
@@ -28,5 +29,6 @@ class Services:
     audit: AuditLog             # who changed which key (the key store writes it)
     auth: Authenticator
     limiter: RateLimiter
+    budgets: Budgets            # budget reservations at admission (settled by accounting)
     accounting: Accounting
     passthrough: Passthrough

@@ -1,7 +1,8 @@
 """Every Redis key name the gateway uses, in one place.
 
 Everything one request touches for one virtual key carries the key's token as a hash tag
-(`{token}`): its record, gone marker, spend, rate-limit windows, leases and its own spend log.
+(`{token}`): its record, gone marker, spend, budget reservations, rate-limit windows, leases and its own
+spend log.
 In a Redis Cluster they all live in one slot, so a request's reads and scripts never cross slots
 and keys spread over every master. Names without a tag are single keys (indexes, the global
 spend log, usage buckets): nothing reads or writes them in the same command as another key.
@@ -30,6 +31,14 @@ class RedisNames:
 
     def key_spend(self, token: str) -> str:
         return f"{self.prefix}spend:{{{token}}}"
+
+    def budget_holds(self, token: str) -> str:
+        """Live budget reservations of one key (gateway/usage/budgets.py)."""
+        return f"{self.prefix}hold:{{{token}}}"
+
+    def budget_settled(self, token: str) -> str:
+        """Per worker, the last accounting batch applied to this key (charges are applied once)."""
+        return f"{self.prefix}settled:{{{token}}}"
 
     def key_log(self, token: str) -> str:
         """The spend-log entries of one key (a capped stream beside the global one)."""

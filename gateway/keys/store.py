@@ -343,7 +343,8 @@ class KeyStore:
         """Delete these keys and everything stored about them (one slot each)."""
         pipe = self.redis.pipeline(transaction=False)
         for token in tokens:
-            for name in (self.record_key(token), self.gone_key(token), self.names.key_spend(token)):
+            for name in (self.record_key(token), self.gone_key(token), self.names.key_spend(token),
+                         self.names.budget_holds(token), self.names.budget_settled(token)):
                 pipe.delete(name)  # one by one: a cluster pipeline refuses multi-key DEL
         pipe.execute()
 

@@ -30,7 +30,8 @@ SMALL_BODY = 1 << 20
 # MB at most. Past it the prompt is sized by its bytes, which never under-counts.
 MAX_COUNTED_ELEMENTS = 50_000
 # The top-level scalars admission reads.
-SCALARS = ("model", "user", "previous_response_id")
+SCALARS = ("model", "user", "previous_response_id",
+           "max_tokens", "max_completion_tokens", "max_output_tokens", "n")  # the budget estimate
 # Matches when an array holds at least MAX_COUNTED_ELEMENTS commas, without copying it.
 _TOO_MANY_ELEMENTS = re.compile(rb"(?:[^,]*,){%d}" % MAX_COUNTED_ELEMENTS)
 
@@ -40,6 +41,10 @@ class _Body(msgspec.Struct):
     model: msgspec.Raw = msgspec.UNSET
     user: msgspec.Raw = msgspec.UNSET
     previous_response_id: msgspec.Raw = msgspec.UNSET
+    max_tokens: msgspec.Raw = msgspec.UNSET
+    max_completion_tokens: msgspec.Raw = msgspec.UNSET
+    max_output_tokens: msgspec.Raw = msgspec.UNSET
+    n: msgspec.Raw = msgspec.UNSET
     prompt: msgspec.Raw = msgspec.UNSET
     input: msgspec.Raw = msgspec.UNSET
     messages: msgspec.Raw = msgspec.UNSET

@@ -23,7 +23,8 @@ from gateway.relay.disconnect import interrupt_wait_on_hang_up
 from gateway.relay.replicas import creates_response, response_id_in, sticky_id
 from gateway.relay.response import RelayedBody, read_small_body, response_headers
 from gateway.relay.target import PREFIX, forward_headers, read_body, vllm_target
-from gateway.usage.accounting import current_budget_spend
+from gateway.usage.accounting import budget_period, current_budget_spend
+from gateway.usage.budgets import budget_exceeded
 from gateway.usage.tap import Usage, UsageTap, clean_label
 
 log = logging.getLogger("gateway")
@@ -72,8 +73,8 @@ def request_fields(body: bytes, content_type: str | None, forms: bool) -> dict |
 class Exchange:
     """One /vllm request from admission to accounting."""
 
-    __slots__ = ("passthrough", "record", "identity", "path", "fields", "end_user", "slot", "tap", "replica",
-                 "capture_id", "finished")
+    __slots__ = ("passthrough", "record", "identity", "path", "fields", "end_user", "slot", "hold", "tap",
+                 "replica", "capture_id", "finished")
 
     def __init__(self, passthrough, record, identity, path):
         self.passthrough = passthrough
@@ -84,6 +85,7 @@ class Exchange:
         self.fields = None
         self.end_user = None
         self.slot = None
+        self.hold = None  # the request's budget reservation, settled by accounting
         self.tap = None
         self.replica = None
         self.capture_id = False
@@ -144,7 +146,7 @@ class Exchange:
             "error": record.error,
         }
         record.extra = {"model": usage.model, "total_tokens": usage.total_tokens}
-        accounting.record(entry, key, self.slot)
+        accounting.record(entry, key, self.slot, self.hold)
         metrics = self.passthrough.metrics
         alias = entry["key_alias"] or ("master" if self.identity.is_master else "(no alias)")
         metrics.usage(alias, usage.model or "unknown", usage.prompt_tokens, usage.completion_tokens, spend)
@@ -156,7 +158,7 @@ class Passthrough:
     """Forwards `/vllm/<path>` to vLLM untranslated; one instance per worker."""
 
     def __init__(self, replicas, upstream_auth: str | None, authenticator, max_body_bytes: int,
-                 accounting, limiter, metrics, body_timeout: float = 30.0):
+                 accounting, limiter, metrics, body_timeout: float = 30.0, budgets=None):
         self.metrics = metrics
         self.replicas = replicas
         self.upstream_auth = upstream_auth
@@ -165,6 +167,7 @@ class Passthrough:
         self.body_timeout = body_timeout
         self.accounting = accounting
         self.limiter = limiter
+        self.budgets = budgets if budgets is not None else accounting.budgets
 
     def relay(self, environ, record) -> Relayed:
         """Admit and relay one request; raises GatewayError (already accounted for) when refused."""
@@ -211,7 +214,8 @@ class Passthrough:
 
     def _admit(self, environ, exchange) -> bytes:
         """Admission in order of cost: what needs only the headers (route policy, budget, rate
-        limits) before the body is read; the body's model last, and a request it refuses gives
+        limits) before the body is read; then the body's model, then the budget reservation of
+        the request's estimated cost (gateway/usage/budgets.py). A request either refuses gives
         its rate-limit count back (LiteLLM #39309). Returns the body when admitted."""
         identity, record = exchange.identity, exchange.record
         key = identity.key
@@ -227,6 +231,7 @@ class Passthrough:
         if key is not None:
             try:
                 policy.check_model(exchange.fields, key, bool(body))
+                exchange.hold = self._reserve_budget(exchange)
             except GatewayError:
                 if exchange.slot is not None:
                     self.limiter.refund(exchange.slot)
@@ -235,13 +240,21 @@ class Passthrough:
 
     @staticmethod
     def _check_budget(key: dict, budget: tuple) -> None:
+        """Header-only: refuse a key already spent (as authentication read it, up to ~1 s old)
+        before its body is read. The exact check is the reservation after the body."""
         max_budget = key.get("max_budget")
         if max_budget is None:
             return
         spent = current_budget_spend(key, budget, time.time())
         if spent >= max_budget:
-            raise GatewayError(400, f"Budget has been exceeded: spend {spent:.6f} >= max_budget "
-                                    f"{max_budget:.6f}", "budget_exceeded")
+            raise budget_exceeded(spent, max_budget)
+
+    def _reserve_budget(self, exchange):
+        """Reserve the request's estimated cost against the key's budget, atomically with the check."""
+        identity = exchange.identity
+        period = budget_period(identity.key, exchange.record.wall)
+        return self.budgets.reserve(identity.token, identity.key, period, exchange.fields,
+                                    exchange.record.request_id)
 
     def _answer(self, resp, method: str, exchange, client_socket=None) -> Relayed:
         """vLLM's status and headers, and its body: bytes when short, else a RelayedBody."""

@@ -7,6 +7,12 @@ Flask dev server) each entry is written at once. If Redis is down, entries stay 
 PENDING_MAX) and go out with the next successful batch, so a short outage loses nothing; the
 queue is also flushed when the worker exits.
 
+Each key's charge of a batch (counters, budget-period spend) is one script call that also drops
+the budget reservations of the batch's requests on that key (gateway/usage/budgets.py): queued
+as EVAL, so the batch stays one pipelined round trip on a single node and on a Redis Cluster
+(whose pipelines refuse EVALSHA). A batch Redis failed is retried with the same charges, which
+the script applies at most once, so a lost reply never charges a request twice.
+
 A parallel-request lease is the exception: it is released at once, in the request's own
 greenlet, so a client's next request never finds its previous slot still taken; a release (or
 refund) Redis refused is queued by the limiter and written with the next batch here.
@@ -25,24 +31,12 @@ from gateway.core.durations import parse_duration
 from gateway.core.redisconn import REDIS_ERRORS, incidents
 from gateway.core.timefmt import iso
 from gateway.core.runtime import gevent_patched
+from gateway.usage.budgets import Budgets
 from gateway.usage.prices import cost
 from gateway.usage.spendlog import SpendLog
 
 log = logging.getLogger("gateway")
 
-# Reset a key's budget-period spend when the period changed, then add; atomic per key.
-# ARGV: period, prompt tokens, completion tokens, spend, requests (a batch's sum for one key).
-_CHARGE_KEY = """
-if redis.call('HGET', KEYS[1], 'budget_period') ~= ARGV[1] then
-  redis.call('HSET', KEYS[1], 'budget_period', ARGV[1], 'budget_spend', 0)
-end
-redis.call('HINCRBY', KEYS[1], 'requests', ARGV[5])
-redis.call('HINCRBY', KEYS[1], 'prompt_tokens', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'completion_tokens', ARGV[3])
-redis.call('HINCRBYFLOAT', KEYS[1], 'spend', ARGV[4])
-redis.call('HINCRBYFLOAT', KEYS[1], 'budget_spend', ARGV[4])
-return 1
-"""
 PENDING_MAX = 10_000
 FLUSH_INTERVAL = 0.05
 BATCH_MAX = 500
@@ -74,9 +68,29 @@ def current_budget_spend(key: dict, budget: tuple, now: float) -> float:
     return float(spent)
 
 
+class Charge:
+    """What a batch adds to one key in one budget period, and the reservations it settles."""
+
+    __slots__ = ("token", "period", "sequence", "requests", "prompt_tokens", "completion_tokens", "spend", "holds")
+
+    def __init__(self, token: str, period: str, sequence: int):
+        self.token, self.period, self.sequence = token, period, sequence
+        self.requests = self.prompt_tokens = self.completion_tokens = 0
+        self.spend = 0.0
+        self.holds: list[str] = []
+
+    def add(self, entry: dict, hold) -> None:
+        self.requests += 1
+        self.prompt_tokens += entry["prompt_tokens"]
+        self.completion_tokens += entry["completion_tokens"]
+        self.spend += entry["spend"]
+        if hold is not None:
+            self.holds.append(hold.member)
+
+
 class Accounting:
     def __init__(self, client, names, prices: dict, spend_log_max: int, limiter=None, background=None,
-                 end_user_ttl: float = 30 * 86400):
+                 end_user_ttl: float = 30 * 86400, budgets: Budgets | None = None):
         self.redis = client
         self.names = names
         self.prices = prices
@@ -84,19 +98,24 @@ class Accounting:
         self.limiter = limiter
         if limiter is not None:
             limiter.on_deferred = self._wake_up
-        self._charge_key = client.register_script(_CHARGE_KEY)
+        lease = limiter.leases.lease if limiter is not None else 120.0
+        self.budgets = budgets if budgets is not None else Budgets(client, names, prices, lease)
+        # (entry, key, budget hold, already in `unsettled`): a batch Redis refused comes back
+        # here marked, so its charge is retried from `unsettled` (same sequence numbers) only.
         self.pending: collections.deque = collections.deque(maxlen=PENDING_MAX)
+        self.unsettled: list[Charge] = []
         self.background = gevent_patched() if background is None else background
         self._wake = None
 
     def cost(self, model, prompt_tokens, completion_tokens) -> float:
         return cost(self.prices, model, prompt_tokens, completion_tokens)
 
-    def record(self, entry: dict, key: dict | None, slot=None) -> None:
+    def record(self, entry: dict, key: dict | None, slot=None, hold=None) -> None:
         """Queue one finished request; never raises (the response is already gone)."""
         if slot is not None:
             self.limiter.release(slot)  # never raises: a failed release is queued for flush()
-        self.pending.append((entry, key))
+        self.budgets.release_lease(hold)
+        self.pending.append((entry, key, hold, False))
         self._wake_up()
 
     def _wake_up(self) -> None:
@@ -120,7 +139,7 @@ class Accounting:
         import gevent
 
         while True:
-            if not self.pending and not self._deferred_undos():
+            if not self.pending and not self.unsettled and not self._deferred_undos():
                 self._wake.wait()
                 self._wake.clear()
             if len(self.pending) < BATCH_MAX:
@@ -134,28 +153,32 @@ class Accounting:
         batch = []
         while self.pending:
             batch.append(self.pending.popleft())
-        if not batch and not self._deferred_undos():
+        # Charges of a failed batch go first: a key's charges must reach Redis in sequence order.
+        charges, self.unsettled = self.unsettled, []
+        if not batch and not charges and not self._deferred_undos():
             return True
         undos = []
         try:
             pipe = self.redis.pipeline(transaction=False)
             if self.limiter is not None:
                 undos = self.limiter.take_deferred(pipe)
-            charges, logged = {}, []
-            for entry, key in batch:
+            logged = []
+            new_charges: dict = {}
+            for entry, key, hold, charged in batch:
                 try:
-                    self._queue(pipe, entry, key, charges)
+                    self._queue(pipe, entry, key, hold, None if charged else new_charges)
                     logged.append(entry)
                 except Exception:  # one malformed entry must not cost the whole batch
                     log.exception("accounting skipped request %s", entry.get("request_id"))
             # One script call per key and budget period in a batch, not one per request.
-            for (token, period), (requests, prompt, completion, spend) in charges.items():
-                self._charge_key(keys=[self.names.key_spend(token)],
-                                 args=[period, prompt, completion, repr(spend), requests], client=pipe)
+            charges.extend(new_charges.values())
+            for charge in charges:
+                self.budgets.queue_settle(pipe, charge)
             self.log.queue_batch(pipe, logged)
             pipe.execute()
         except REDIS_ERRORS as exc:
-            self.pending.extendleft(reversed(batch))
+            self.unsettled = charges
+            self.pending.extendleft(reversed([(entry, key, hold, True) for entry, key, hold, _ in batch]))
             if undos:
                 self.limiter.put_back(undos)
             incidents.report(exc, f"Accounting is queued ({len(self.pending)} requests) and written "
@@ -169,17 +192,20 @@ class Accounting:
     def _deferred_undos(self) -> bool:
         return self.limiter is not None and bool(self.limiter.deferred)
 
-    def _queue(self, pipe, entry: dict, key: dict | None, charges: dict) -> None:
+    def _queue(self, pipe, entry: dict, key: dict | None, hold, charges: dict | None) -> None:
+        """Add the entry to its key's charge (None: already charged) and queue its token count."""
         token = entry.get("token")
-        prompt, completion = entry["prompt_tokens"], entry["completion_tokens"]
-        if token and key is not None:
-            total = charges.setdefault((token, budget_period(key, entry["start_time"])), [0, 0, 0, 0.0])
-            total[0] += 1
-            total[1] += prompt
-            total[2] += completion
-            total[3] += entry["spend"]
-            if self.limiter is not None and key.get("tpm_limit") is not None:
-                self.limiter.charge_tokens_into(pipe, token, prompt + completion, entry["end_time"])
+        if not token or key is None:
+            return
+        if charges is not None:
+            period = budget_period(key, entry["start_time"])
+            charge = charges.get((token, period))
+            if charge is None:
+                charge = charges[(token, period)] = Charge(token, period, self.budgets.next_sequence())
+            charge.add(entry, hold)
+        if self.limiter is not None and key.get("tpm_limit") is not None:
+            tokens = entry["prompt_tokens"] + entry["completion_tokens"]
+            self.limiter.charge_tokens_into(pipe, token, tokens, entry["end_time"])
 
     # -- reading --------------------------------------------------------------------------
     def key_totals(self, token: str, key: dict) -> dict:

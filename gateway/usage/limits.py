@@ -11,6 +11,10 @@
 
 A lease is given back in the request's own greenlet. If Redis fails then, the release (or a
 refund) is queued and written with the next accounting batch, so a Redis error never leaks a slot.
+
+`LeaseRenewer` is the renewer itself, shared with the budget holds (gateway/usage/budgets.py),
+which are leases of the same kind. `ClusterScript` runs a Lua script directly or queues it on a
+pipeline as EVAL: redis-py's Redis Cluster pipeline refuses EVALSHA (reference.md §8).
 """
 from __future__ import annotations
 
@@ -73,10 +77,92 @@ return 1
 """
 
 
+class ClusterScript:
+    """A Lua script callable directly (EVALSHA, loaded on NOSCRIPT) or queued on any pipeline.
+
+    On a pipeline it is sent as EVAL with its text: a Redis Cluster pipeline refuses EVALSHA, and
+    a plain pipeline's EVALSHA needs a SCRIPT EXISTS round trip first. Redis caches EVAL scripts
+    by their digest, so the cost is the text's bytes (a flush of 500 entries over 50 keys:
+    see README "Budgets"). Every caller passes KEYS of one hash slot ({token})."""
+
+    def __init__(self, client, text: str):
+        self.text = text
+        self._script = client.register_script(text)
+
+    def __call__(self, keys: list, args: list):
+        return self._script(keys=keys, args=args)
+
+    def queue(self, pipe, keys: list, args: list) -> None:
+        pipe.execute_command("EVAL", self.text, len(keys), *keys, *args)
+
+
+class LeaseRenewer:
+    """This worker's leases (members of sorted sets scored by their expiry) and the one thread
+    (a greenlet on gevent workers) that extends them all every lease/4 in one pipelined round
+    trip while their requests run. A crashed worker renews nothing, so its leases run out after
+    `lease` seconds; a request never ending (a bug) stops being renewed after MAX_HOLD_SECONDS."""
+
+    def __init__(self, client, lease_seconds: float, what: str = "parallel slot"):
+        self.redis = client
+        self.lease = lease_seconds
+        self.what = what
+        self.held: dict[str, tuple[str, float]] = {}  # member -> (sorted set, monotonic start)
+        self._lock = threading.Lock()
+        self._renewing = False
+
+    def hold(self, name: str, member: str) -> None:
+        with self._lock:
+            self.held[member] = (name, time.monotonic())
+            start, self._renewing = not self._renewing, True
+        if start:
+            # Under gevent's monkey-patching this thread is a greenlet.
+            threading.Thread(target=self._renew_loop, name=f"{self.what}-renewer", daemon=True).start()
+
+    def drop(self, member: str) -> None:
+        with self._lock:
+            self.held.pop(member, None)
+
+    def _renew_loop(self) -> None:
+        while True:
+            time.sleep(self.lease / 4)
+            with self._lock:
+                members = list(self.held)
+                if not members:
+                    self._renewing = False  # started again by the next hold
+                    return
+            self.renew(members)
+
+    def renew(self, members: list) -> None:
+        """Extend the given leases (and their sets' lifetimes) in one round trip; never raises."""
+        now, mono = time.time(), time.monotonic()
+        by_set: dict[str, dict] = {}
+        for member in members:
+            name, since = self.held.get(member, (None, mono))
+            if name is None:
+                continue  # given back meanwhile
+            if mono - since > MAX_HOLD_SECONDS:
+                log.warning("%s %s held over %ds: no longer renewed", self.what, member, MAX_HOLD_SECONDS)
+                self.drop(member)
+                continue
+            by_set.setdefault(name, {})[member] = now + self.lease
+        if not by_set:
+            return
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for name, leases in by_set.items():
+                pipe.zadd(name, leases, xx=True)  # a lease already given back is not revived
+                pipe.expire(name, int(self.lease) + 60)
+            pipe.execute()
+        except REDIS_ERRORS as exc:
+            incidents.report(exc, f"{self.what.capitalize()} leases are not renewed meanwhile.")
+        except Exception:  # a closed or broken client: the loop must live on, or no lease is renewed again
+            log.exception("%s leases not renewed", self.what)
+
+
 class Slot:
     """An admitted request on a limited key: headers to send and what to give back."""
 
-    __slots__ = ("limiter", "token", "request_id", "holds_parallel", "headers", "rpm_name", "acquired_at")
+    __slots__ = ("limiter", "token", "request_id", "holds_parallel", "headers", "rpm_name")
 
     def __init__(self, limiter, token, request_id, holds_parallel, headers, rpm_name=None):
         self.limiter = limiter
@@ -85,7 +171,6 @@ class Slot:
         self.holds_parallel = holds_parallel
         self.headers = headers
         self.rpm_name = rpm_name  # the rpm window counter this request was counted in, if any
-        self.acquired_at = time.monotonic()
 
 
 def _limit(value) -> int:
@@ -97,11 +182,9 @@ class RateLimiter:
         self.redis = client
         self.names = names
         self.lease = lease_seconds
-        self._acquire = client.register_script(_ACQUIRE)
-        self._refund = client.register_script(_REFUND)
-        self.held: dict[str, Slot] = {}  # this worker's leases, by member
-        self._lock = threading.Lock()
-        self._renewing = False
+        self._acquire = ClusterScript(client, _ACQUIRE)
+        self._refund = ClusterScript(client, _REFUND)
+        self.leases = LeaseRenewer(client, lease_seconds)
         # Releases and refunds Redis refused: written with the next accounting batch.
         self.deferred: collections.deque = collections.deque(maxlen=DEFERRED_MAX)
         self.on_deferred = None  # set by Accounting: wakes its flusher
@@ -180,8 +263,12 @@ class RateLimiter:
         if undo.rpm_name is None:
             client.zrem(self.names.parallel(undo.token), undo.request_id)
             return
-        self._refund(keys=[undo.rpm_name, self.names.parallel(undo.token)],
-                     args=[undo.request_id, "1", "1" if undo.holds_parallel else "0"], client=client)
+        keys = [undo.rpm_name, self.names.parallel(undo.token)]
+        args = [undo.request_id, "1", "1" if undo.holds_parallel else "0"]
+        if client is self.redis:
+            self._refund(keys, args)
+        else:
+            self._refund.queue(client, keys, args)  # an accounting pipeline: EVAL, cluster-safe
 
     def _defer(self, undo: Slot, exc: BaseException | None = None) -> None:
         if exc is not None:
@@ -204,49 +291,10 @@ class RateLimiter:
 
     # -- keeping leases alive ---------------------------------------------------------------
     def _hold(self, slot: Slot) -> None:
-        with self._lock:
-            self.held[slot.request_id] = slot
-            start, self._renewing = not self._renewing, True
-        if start:
-            # Under gevent's monkey-patching this thread is a greenlet.
-            threading.Thread(target=self._renew_loop, name="lease-renewer", daemon=True).start()
+        self.leases.hold(self.names.parallel(slot.token), slot.request_id)
 
     def _unhold(self, slot: Slot) -> None:
-        with self._lock:
-            self.held.pop(slot.request_id, None)
-
-    def _renew_loop(self) -> None:
-        while True:
-            time.sleep(self.lease / 4)
-            with self._lock:
-                slots = list(self.held.values())
-                if not slots:
-                    self._renewing = False  # started again by the next held slot
-                    return
-            self.renew_held(slots)
-
-    def renew_held(self, slots: list) -> None:
-        """Extend the given leases (and their sets' lifetimes) in one round trip; never raises."""
-        now, mono = time.time(), time.monotonic()
-        by_token: dict[str, dict] = {}
-        for slot in slots:
-            if mono - slot.acquired_at > MAX_HOLD_SECONDS:
-                log.warning("parallel slot of request %s held over %ds: no longer renewed",
-                            slot.request_id, MAX_HOLD_SECONDS)
-                self._unhold(slot)
-                continue
-            by_token.setdefault(slot.token, {})[slot.request_id] = now + self.lease
-        if not by_token:
-            return
-        try:
-            pipe = self.redis.pipeline(transaction=False)
-            for token, members in by_token.items():
-                name = self.names.parallel(token)
-                pipe.zadd(name, members, xx=True)  # a lease already given back is not revived
-                pipe.expire(name, int(self.lease) + 60)
-            pipe.execute()
-        except REDIS_ERRORS as exc:
-            incidents.report(exc, "Parallel leases are not renewed meanwhile.")
+        self.leases.drop(slot.request_id)
 
     def charge_tokens_into(self, pipe, token: str, tokens: int, at: float) -> None:
         """Charge tokens to the window the request ended in (queued on an accounting pipeline)."""

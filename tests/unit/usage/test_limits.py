@@ -39,7 +39,7 @@ def test_refund_gives_back_the_rpm_count_and_the_lease(limiter):
     assert (rpm_count(limiter), leases(limiter)) == (1, 1)
     limiter.refund(slots[0])  # idempotent
     assert (rpm_count(limiter), leases(limiter)) == (1, 1)
-    assert slots[0].request_id not in limiter.held  # the renewer lets it go
+    assert slots[0].request_id not in limiter.leases.held  # the renewer lets it go
 
 
 def test_refund_never_creates_a_window_that_is_gone(limiter):
@@ -86,7 +86,7 @@ def test_renewal_extends_held_leases_and_never_revives_a_released_one(limiter):
     limiter.redis.expire(name, 5)
     limiter.release(gone)
     time.sleep(0.01)
-    limiter.renew_held([kept, gone])
+    limiter.leases.renew([kept.request_id, gone.request_id])
     assert limiter.redis.zscore(name, kept.request_id) > before
     assert limiter.redis.zscore(name, gone.request_id) is None
     assert limiter.redis.ttl(name) > 100  # the set itself outlives the lease again

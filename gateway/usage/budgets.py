@@ -1,0 +1,262 @@
+"""Exact budgets across a fleet: reserve a request's cost at admission, settle it afterwards.
+
+Checking `max_budget` against the spend authentication read (cached up to ~1 s per worker) and
+charging after the response let 3 instances × 2 workers racing one key overshoot by 9–14%. Now,
+once the body's fields are read, one Lua script on the key's slot checks the budget-period
+spend and the live reservations of requests in flight, and reserves this request's estimate:
+
+- a request that states its output bound (`max_tokens`, `max_completion_tokens` or
+  `max_output_tokens`) is admitted only if its whole estimate fits: 400 budget_exceeded when it
+  cannot fit even once the requests in flight settle, 429 (Retry-After: 1) while they hold the
+  room it needs;
+- a request without a bound reserves BUDGET_DEFAULT_MAX_TOKENS output tokens, or what remains of
+  the budget when less does (so a key may spend to its last cent, as without reservations): it
+  is refused (400) only when the budget is spent, 429 when every remaining cent is held.
+
+So the spend never passes max_budget by more than what unbounded requests produce beyond their
+reservation. The accounting flush settles each request: the real cost is added and the
+reservation dropped in one script on the same slot (`SETTLE`), so spend + reservations never
+counts a request twice or not at all.
+
+The estimate (`request_estimate`): the prompt's estimated tokens × the model's input price, plus
+the output bound (the largest given, times `n`; else BUDGET_DEFAULT_MAX_TOKENS) × its output
+price. A model without a price costs nothing and reserves nothing.
+
+Reservations are leases: members `<amount>|<request>` of `hold:{token}` scored by their expiry,
+renewed by this worker while the request runs (the limiter's LeaseRenewer), so a crashed
+worker's reservation frees itself after the lease (PARALLEL_SLOT_LEASE_SECONDS, 120 s). Their sum
+is kept in the spend hash (`reserved`) so admission reads one number, not every lease.
+
+Settling is idempotent: each charge carries (worker, sequence number) and the script skips one at
+or below the highest it applied for that worker on that key (`settled:{token}`), so a batch
+retried after a Redis error whose reply was lost is not charged twice.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+
+from gateway.core.errors import GatewayError
+from gateway.core.redisconn import REDIS_ERRORS, unavailable
+from gateway.usage.limits import ClusterScript, LeaseRenewer
+from gateway.usage.prices import cost
+from gateway.usage.tap import estimate_prompt_tokens
+
+log = logging.getLogger("gateway")
+
+OUTPUT_BOUNDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+MAX_CHOICES = 128  # `n` beyond this is vLLM's to refuse; the estimate does not grow past it
+# How long a worker's settle high-water marks outlive its last charge on a key: a batch is
+# retried within this (Redis back, or PENDING_MAX entries queued long before it runs out).
+SETTLED_TTL = 86400
+
+
+# Shared by both scripts. Budget periods are "all" or the number of whole budget_durations since
+# the key was created; a stored period is replaced only by a newer one (or a different kind), so
+# a late charge from a period already over never resets the current one.
+_LUA_HELPERS = """
+local function newer(period, stored)
+  if not stored then return true end
+  local a, b = tonumber(period), tonumber(stored)
+  if a == nil or b == nil then return period ~= stored end
+  return a > b
+end
+local function amount(member)
+  return tonumber(string.match(member, '^([^|]+)|')) or 0
+end
+local function num(x) return string.format('%.17g', x) end
+"""
+
+# KEYS: spend, holds. ARGV: period, max_budget, estimate, request, now, lease expiry, holds ttl,
+# bounded ("1": the estimate is the request's own bound). Returns {verdict, period spend,
+# reserved before this request, the lease member}; verdict 1 admitted, 0 over budget (400),
+# 2 what remains is held by requests in flight (429: retry when they settle).
+_RESERVE = _LUA_HELPERS + """
+local spend, holds = KEYS[1], KEYS[2]
+local stored = redis.call('HGET', spend, 'budget_period')
+local spent = 0
+if stored == ARGV[1] then
+  spent = tonumber(redis.call('HGET', spend, 'budget_spend') or '0')
+elseif newer(ARGV[1], stored) then
+  redis.call('HSET', spend, 'budget_period', ARGV[1], 'budget_spend', 0)
+else
+  spent = tonumber(redis.call('HGET', spend, 'budget_spend') or '0')  -- our clock is behind
+end
+local reserved = tonumber(redis.call('HGET', spend, 'reserved') or '0')
+local expired = redis.call('ZRANGEBYSCORE', holds, '-inf', ARGV[5])
+if #expired > 0 then  -- leases of crashed workers: their reservations end
+  redis.call('ZREMRANGEBYSCORE', holds, '-inf', ARGV[5])
+  for _, member in ipairs(expired) do reserved = reserved - amount(member) end
+end
+if reserved < 0 or redis.call('ZCARD', holds) == 0 then reserved = 0 end  -- no float drift kept
+redis.call('HSET', spend, 'reserved', num(reserved))
+local max_budget, estimate = tonumber(ARGV[2]), tonumber(ARGV[3])
+local bounded = ARGV[8] == '1'
+if spent >= max_budget or (bounded and spent + estimate > max_budget) then
+  return {0, num(spent), num(reserved), ''}
+end
+local room = max_budget - spent - reserved
+if room <= 0 or (bounded and estimate > room) then
+  return {2, num(spent), num(reserved), ''}
+end
+local take = math.min(estimate, room)  -- no bound given: what remains, up to the default
+local member = num(take) .. '|' .. ARGV[4]
+redis.call('ZADD', holds, ARGV[6], member)
+redis.call('EXPIRE', holds, ARGV[7])
+redis.call('HSET', spend, 'reserved', num(reserved + take))
+return {1, num(spent), num(reserved), member}
+"""
+
+# KEYS: spend, holds, settled. ARGV: worker, sequence, period, requests, prompt tokens,
+# completion tokens, cost, settled ttl, then the members of the reservations to drop.
+_SETTLE = _LUA_HELPERS + """
+local spend, holds, settled = KEYS[1], KEYS[2], KEYS[3]
+local seq = tonumber(ARGV[2])
+if tonumber(redis.call('HGET', settled, ARGV[1]) or '0') >= seq then return 0 end  -- a retry
+redis.call('HSET', settled, ARGV[1], seq)
+redis.call('EXPIRE', settled, ARGV[8])
+redis.call('HINCRBY', spend, 'requests', ARGV[4])
+redis.call('HINCRBY', spend, 'prompt_tokens', ARGV[5])
+redis.call('HINCRBY', spend, 'completion_tokens', ARGV[6])
+redis.call('HINCRBYFLOAT', spend, 'spend', ARGV[7])
+local stored = redis.call('HGET', spend, 'budget_period')
+if stored == ARGV[3] then
+  redis.call('HINCRBYFLOAT', spend, 'budget_spend', ARGV[7])
+elseif newer(ARGV[3], stored) then
+  redis.call('HSET', spend, 'budget_period', ARGV[3], 'budget_spend', ARGV[7])
+end  -- else the request's period is over: all-time spend only
+if #ARGV > 8 then
+  local freed = 0
+  for i = 9, #ARGV do
+    if redis.call('ZREM', holds, ARGV[i]) == 1 then freed = freed + amount(ARGV[i]) end
+  end
+  local reserved = tonumber(redis.call('HGET', spend, 'reserved') or '0') - freed
+  if reserved < 0 or redis.call('ZCARD', holds) == 0 then reserved = 0 end
+  redis.call('HSET', spend, 'reserved', num(reserved))
+end
+return 1
+"""
+
+
+def _count(value) -> int | None:
+    """A positive JSON integer, else None (a bool, a float, a string: not a bound vLLM takes)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
+
+
+def output_bound(fields, default_max_tokens: int) -> int:
+    """The most output tokens the request may produce: its bound × `n`, or the default."""
+    bounds = [b for b in (_count(fields.get(name)) for name in OUTPUT_BOUNDS) if b is not None]
+    choices = min(_count(fields.get("n")) or 1, MAX_CHOICES)
+    return (max(bounds) if bounds else default_max_tokens) * choices
+
+
+def request_estimate(prices: dict, fields, default_max_tokens: int = 0) -> float:
+    """What the request is reserved at admission (see the module docstring for the rule)."""
+    if not fields:
+        return 0.0
+    model = fields.get("model")
+    if not isinstance(model, str) or model not in prices:
+        return 0.0  # unpriced: it costs nothing, so it reserves nothing
+    return cost(prices, model, estimate_prompt_tokens(fields), output_bound(fields, default_max_tokens))
+
+
+def has_output_bound(fields) -> bool:
+    return any(_count(fields.get(name)) is not None for name in OUTPUT_BOUNDS)
+
+
+def budget_held(spent: float, max_budget: float, reserved: float) -> GatewayError:
+    """What remains of the budget is reserved by requests still running: they may settle for
+    less, so this is a retry-later, not an exceeded budget."""
+    return GatewayError(429, f"Budget is held by requests in flight: spend {spent:.6f} + reserved {reserved:.6f} "
+                             f"leaves no room under max_budget {max_budget:.6f}; retry when they finish",
+                        "rate_limit_error", headers={"Retry-After": "1"}, kind="budget_held")
+
+
+class Hold:
+    """One admitted request's reservation: which key, which lease member."""
+
+    __slots__ = ("token", "member", "amount")
+
+    def __init__(self, token: str, member: str, amount: float):
+        self.token = token
+        self.member = member
+        self.amount = amount
+
+
+def budget_exceeded(spent: float, max_budget: float, reserved: float = 0.0, estimate: float | None = None):
+    """The 400 every budget refusal answers; the reservation's version names what did not fit."""
+    if estimate is None:
+        message = f"Budget has been exceeded: spend {spent:.6f} >= max_budget {max_budget:.6f}"
+    else:
+        message = (f"Budget has been exceeded: spend {spent:.6f} + reserved {reserved:.6f} + this request's "
+                   f"estimate {estimate:.6f} > max_budget {max_budget:.6f}")
+    return GatewayError(400, message, "budget_exceeded")
+
+
+class Budgets:
+    """Reservations at admission and the settle script the accounting flush runs; one per worker."""
+
+    def __init__(self, client, names, prices: dict, lease_seconds: float, default_max_tokens: int = 0):
+        self.redis = client
+        self.names = names
+        self.prices = prices
+        self.lease = lease_seconds
+        self.default_max_tokens = default_max_tokens
+        self.leases = LeaseRenewer(client, lease_seconds, what="budget reservation")
+        self._reserve = ClusterScript(client, _RESERVE)
+        self._settle = ClusterScript(client, _SETTLE)
+        # Identifies this worker's charges for the idempotent settle (see the module docstring).
+        self.worker = secrets.token_hex(6)
+        self._sequence = 0
+
+    def estimate(self, fields) -> float:
+        return request_estimate(self.prices, fields, self.default_max_tokens)
+
+    def reserve(self, token: str, key: dict, period: str, fields, request_id: str) -> Hold | None:
+        """Reserve the request's estimate; raise 400 budget_exceeded when it cannot fit, 429
+        when what remains is held by requests in flight (503 when Redis fails). None when there
+        is nothing to hold: no max_budget, or a request that costs nothing."""
+        max_budget = key.get("max_budget")
+        estimate = self.estimate(fields) if max_budget is not None else 0.0
+        if estimate <= 0:
+            return None
+        # The caller chooses X-Request-Id: the random part makes the member unique.
+        request = f"{request_id}:{secrets.token_hex(4)}"
+        now = time.time()
+        keys = [self.names.key_spend(token), self.names.budget_holds(token)]
+        bounded = "1" if has_output_bound(fields) else "0"
+        try:
+            verdict, spent, reserved, member = self._reserve(
+                keys, [period, repr(float(max_budget)), repr(estimate), request, now, now + self.lease,
+                       int(self.lease) + 60, bounded])
+        except REDIS_ERRORS:
+            # The reply may be what was lost, after the hold was taken: it runs out after the lease.
+            raise unavailable() from None
+        verdict = int(verdict)
+        if verdict == 0:
+            raise budget_exceeded(float(spent), float(max_budget), float(reserved), estimate)
+        if verdict == 2:
+            raise budget_held(float(spent), float(max_budget), float(reserved))
+        member = member.decode() if isinstance(member, bytes) else member
+        self.leases.hold(keys[1], member)
+        return Hold(token, member, float(member.split("|", 1)[0]))
+
+    def release_lease(self, hold: Hold | None) -> None:
+        """The request ended: stop renewing its reservation (the settle drops it)."""
+        if hold is not None:
+            self.leases.drop(hold.member)
+
+    def next_sequence(self) -> int:
+        self._sequence += 1
+        return self._sequence
+
+    def queue_settle(self, pipe, charge) -> None:
+        """Queue on an accounting pipeline: add a key's charge and drop its reservations."""
+        token = charge.token
+        keys = [self.names.key_spend(token), self.names.budget_holds(token), self.names.budget_settled(token)]
+        args = [self.worker, charge.sequence, charge.period, charge.requests, charge.prompt_tokens,
+                charge.completion_tokens, repr(charge.spend), SETTLED_TTL, *charge.holds]
+        self._settle.queue(pipe, keys, args)
