@@ -36,6 +36,14 @@ def int_arg(name: str, default: int, low: int, high: int) -> int:
     return int(raw)
 
 
+def choice_arg(name: str, choices, default: str) -> str:
+    """One of `choices` (the default when absent or empty), else 400 naming them."""
+    raw = request.args.get(name, "") or default
+    if raw not in choices:
+        raise GatewayError(400, f"{name}: must be one of " + ", ".join(choices), param=name)
+    return raw
+
+
 def bool_arg(name: str, default: bool = False) -> bool:
     raw = request.args.get(name, "").lower()
     if raw == "":

@@ -1,15 +1,18 @@
-"""Spend log and end-user usage (master key only)."""
+"""Spend log, usage report and end-user usage (master key only)."""
 from __future__ import annotations
+
+import time
 
 from flask import Blueprint, jsonify, request
 
 from blueprints import services
-from blueprints.args import int_arg, only_args, time_range
+from blueprints.args import choice_arg, int_arg, only_args, time_range
 from blueprints.audit import master_only
 
 from gateway.core.errors import GatewayError
 from gateway.core.redisconn import REDIS_ERRORS, unavailable
 from gateway.keys.store import KeyStore
+from gateway.usage.spendlog import GROUPINGS, INTERVALS
 
 bp = Blueprint("spend", __name__)
 
@@ -39,6 +42,28 @@ def spend_logs():
     except REDIS_ERRORS:
         raise unavailable() from None
     return jsonify(result)
+
+
+@bp.get("/spend/report")
+def spend_report():
+    """Requests, tokens and spend per hour or day, grouped by key, model or end user, from the
+    usage counters (never the log). Arguments: group_by (key|model|end_user, default key),
+    interval (hour|day, default day), start_date/end_date (default: up to now, 24 hourly or
+    30 daily buckets), limit (groups listed, 1..1000, default 100; the rest are summed as "other")."""
+    only_args("group_by", "interval", "start_date", "end_date", "limit")
+    group_by = choice_arg("group_by", GROUPINGS, "key")
+    interval = choice_arg("interval", INTERVALS, "day")
+    start, end = time_range()
+    end = time.time() if end is None else end
+    if start is None:
+        start = end - (29 * 86400 if interval == "day" else 23 * 3600)  # 30 days or 24 hours, the last partial
+    if start > end:
+        raise GatewayError(400, "start_date: must not be after end_date", param="start_date")
+    limit = int_arg("limit", 100, 1, 1000)
+    try:
+        return jsonify(_spend_log().usage_report(group_by, interval, start, end, limit))
+    except REDIS_ERRORS:
+        raise unavailable() from None
 
 
 @bp.get("/end_user/info")

@@ -73,7 +73,7 @@ class RedisNames:
         return f"{self.prefix}eu-keys:{end_user}"
 
     def end_user_log(self, end_user: str) -> str:
-        """The spend-log entries of one end user (a capped stream)."""
+        """The spend-log entries of one end user (a capped list, newest first)."""
         return f"{self.prefix}eu-log:{end_user}"
 
     # -- usage over time and single requests ---------------------------------------------------
@@ -81,9 +81,9 @@ class RedisNames:
         """Counters of one hour or day (interval "hour"/"day", start epoch), by key, model, end user."""
         return f"{self.prefix}usage:{interval}:{start}"
 
-    def request_entry(self, request_id: str) -> str:
-        """Where a request's spend-log entry is (for lookups by request id)."""
-        return f"{self.prefix}req:{request_id}"
+    def request_list(self, n: int) -> str:
+        """One of the lists that find spend-log entries by request id (the id hashes to n)."""
+        return f"{self.prefix}req:#{n}"
 
     def sticky(self, response_id: str) -> str:
         return f"{self.prefix}resp:{response_id}"
