@@ -7,6 +7,7 @@ only to a caller presenting the master key.
 from flask import Blueprint, jsonify, request
 
 from blueprints import services
+from gateway.core.redisconn import check_health
 from gateway.keys.auth import credential_from
 
 bp = Blueprint("health", __name__, url_prefix="/health")
@@ -26,7 +27,8 @@ def _is_master() -> bool:
 
 
 def _keystore_check() -> dict:
-    ok, detail = services().keystore.ping()
+    # PING; a cluster's state and Sentinel's current master too (the detail is for the master key only).
+    ok, detail = check_health(services().redis)
     check = {"status": "up" if ok else "down", "detail": detail}
     if not services().settings.redis_url:
         # ALLOW_EPHEMERAL_KEYSTORE: ready, but every key is lost when this process stops.

@@ -18,6 +18,7 @@ import requests
 from flask.testing import FlaskClient
 
 from app import create_app
+from tests.redis_topologies import own_cluster, own_sentinel, shared_cluster, shared_sentinel  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 MASTER_KEY = "sk-test-master-0123456789abcdef"
@@ -293,9 +294,11 @@ def gateway(vllm, shared_gateway) -> GatewayServer:
     return shared_gateway
 
 
-# -- Redis: every keystore test runs on fakeredis and, when one answers, on the real server ---
+# -- Redis: every keystore test runs on fakeredis, the real server (when one answers), and on a
+# real Redis Cluster and Sentinel setup started for the session (tests/redis_topologies.py) -----
 
 REAL_REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+REDIS_TOPOLOGIES = ["fakeredis", "redis", "cluster", "sentinel"]
 
 
 def real_redis_available() -> bool:
@@ -308,13 +311,37 @@ def real_redis_available() -> bool:
 
 
 def _purge(client, prefix):
+    """Delete every key under `prefix`; on a cluster scan_iter walks every primary, and keys are
+    deleted one by one (one DEL may not span slots)."""
     for name in client.scan_iter(match=prefix + "*", count=500):
         client.delete(name)
 
 
-@pytest.fixture(params=["fakeredis", "redis"])
+def topology_environ(topology) -> dict:
+    """The settings a gateway in front of a started topology is given (as an operator would)."""
+    if type(topology).__name__ == "SentinelTopology":
+        from tests.redis_topologies import SERVICE
+        return {"REDIS_SENTINELS": topology.sentinel_list, "REDIS_SENTINEL_SERVICE": SERVICE}
+    return {"REDIS_URL": topology.url}
+
+
+def gateway_redis(topology, **settings):
+    """The client the gateway itself builds (make_redis from Settings) for a started topology."""
+    from gateway.core import redisconn
+    from gateway.core.config import load_settings
+
+    budget = redisconn.incidents.budget  # make_redis sets this process-wide; tests keep it as it was
+    try:
+        env = gateway_environ("http://127.0.0.1:9", **topology_environ(topology), **settings)
+        return redisconn.make_redis(load_settings(env))
+    finally:
+        redisconn.incidents.budget = budget
+
+
+@pytest.fixture(params=REDIS_TOPOLOGIES)
 def redis_client(request):
-    """A Redis client (decode_responses) and a unique key prefix, cleaned up afterwards."""
+    """A Redis client (decode_responses) and a unique key prefix, cleaned up afterwards: fakeredis,
+    the real server, and the gateway's own clients for a Redis Cluster and a Sentinel setup."""
     import uuid
 
     import fakeredis
@@ -324,12 +351,15 @@ def redis_client(request):
         if not real_redis_available():
             pytest.skip(f"no Redis at {REAL_REDIS_URL}")
         client = redis.Redis.from_url(REAL_REDIS_URL, decode_responses=True)
+    elif request.param in ("cluster", "sentinel"):
+        client = gateway_redis(request.getfixturevalue(f"shared_{request.param}"))
     else:
         client = fakeredis.FakeRedis(decode_responses=True)
     prefix = f"test-{uuid.uuid4().hex[:10]}:"
     client.test_prefix = prefix
     yield client
     _purge(client, prefix)
+    client.close()
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 # Values published in docs and tutorials; anyone could guess them.
 KNOWN_WEAK_KEYS = frozenset({
@@ -47,6 +47,10 @@ class Settings:
     redis_pool_timeout: float = 5.0  # wait for a free pooled connection under a burst
     redis_socket_timeout: float = 2.0
     redis_prefix: str = "vgw:"
+    redis_cluster: bool = False  # REDIS_CLUSTER=1: REDIS_URL names any node of a Redis Cluster
+    redis_sentinel_username: str | None = None  # Sentinel's own ACL user (the data nodes' is in REDIS_URL)
+    redis_sentinel_password: str | None = None
+    redis_sentinel_ssl: bool = False  # TLS to the Sentinels and the data nodes (as rediss+sentinel://)
     access_log: bool = True
     upstream_cooloff: float = 10.0
     upstream_max_idle: float = 4.0
@@ -60,6 +64,11 @@ class Settings:
 
     def __post_init__(self):
         _validate(self)
+
+    @property
+    def redis_topology(self) -> "RedisTopology | None":
+        """Where Redis is (one node, a Sentinel-watched master, or a cluster); None without Redis."""
+        return redis_topology(self)
 
     @property
     def upstream_base(self) -> str:
@@ -109,6 +118,7 @@ def _validate(s: Settings) -> None:
         raise ConfigError("REDIS_SSL_CERT_REQS must be 'required' or 'none'")
     if s.redis_url is not None:
         check_redis_url(s.redis_url)
+    check_redis_topology(s)
 
 
 REDIS_URL_EXAMPLE = "redis://:password@host:6379/0"
@@ -121,9 +131,14 @@ def check_redis_url(url: str) -> None:
     without a scheme fails only when a worker first connects. The URL itself is never echoed
     (it may hold the password).
     """
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme in SENTINEL_SCHEMES or scheme in CLUSTER_SCHEMES:
+        _parse_multi_host_url(url)  # raises ConfigError when malformed
+        return
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix://, e.g. {REDIS_URL_EXAMPLE}")
+        raise ConfigError(f"REDIS_URL must start with redis://, rediss://, unix://, redis+sentinel:// or "
+                          f"redis+cluster://, e.g. {REDIS_URL_EXAMPLE}")
     try:
         parts.port  # noqa: B018 - reading it validates it
     except ValueError:
@@ -139,6 +154,145 @@ def check_redis_url(url: str) -> None:
                               f"(the path after host:port, e.g. {REDIS_URL_EXAMPLE}), got {db!r}")
     if len(set(map(int, dbs))) > 1:
         raise ConfigError("REDIS_URL names two different database numbers (path and ?db=)")
+
+
+# -- Redis beyond one node: Sentinel and Cluster ------------------------------------------------
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+SENTINEL_URL_EXAMPLE = "redis+sentinel://:password@sentinel-1:26379,sentinel-2:26379/mymaster/0"
+CLUSTER_URL_EXAMPLE = "redis+cluster://:password@node-1:6379,node-2:6379"
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisTopology:
+    """Where the gateway's Redis is, read from the settings in one place (gateway.core.redisconn
+    builds the client from it). It holds passwords: never log it (repr hides them)."""
+
+    kind: str  # "single", "sentinel" or "cluster"
+    url: str | None = dataclasses.field(default=None, repr=False)  # single node: REDIS_URL as given (redis-py reads its ?options)
+    nodes: tuple = ()  # sentinel: the Sentinels; cluster: seed nodes; each (host, port)
+    service: str | None = None  # sentinel: the master's name
+    db: int = 0
+    username: str | None = dataclasses.field(default=None, repr=False)  # the data nodes' credentials
+    password: str | None = dataclasses.field(default=None, repr=False)
+    ssl: bool = False
+    sentinel_username: str | None = dataclasses.field(default=None, repr=False)
+    sentinel_password: str | None = dataclasses.field(default=None, repr=False)
+
+
+def _parse_multi_host_url(url: str) -> dict:
+    """`redis+sentinel://[user:pass@]h:p[,h:p]/service[/db]` or `redis+cluster://[user:pass@]h:p[,h:p]`
+    (urlsplit cannot read several hosts). The URL is never echoed: it may hold the password."""
+    scheme, rest = url.split("://", 1)
+    sentinel = scheme in SENTINEL_SCHEMES
+    example = SENTINEL_URL_EXAMPLE if sentinel else CLUSTER_URL_EXAMPLE
+    rest = rest.split("?", 1)[0]
+    netloc, _, path = rest.partition("/")
+    userinfo, _, hosts = netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    nodes = tuple(_host_port(part, 26379 if sentinel else 6379, "REDIS_URL", example)
+                  for part in hosts.split(","))
+    segments = [p for p in path.split("/") if p] if path else []
+    service, db = None, "0"
+    if sentinel:
+        if not segments or not _SERVICE_NAME.fullmatch(unquote(segments[0])):
+            raise ConfigError(f"REDIS_URL names no Sentinel service (the master's name after the hosts), "
+                              f"e.g. {example}")
+        service, segments = unquote(segments[0]), segments[1:]
+    if segments:
+        db = segments[0]
+    if len(segments) > 1 or not re.fullmatch(r"[0-9]{1,5}", db):
+        raise ConfigError(f"REDIS_URL: the database number must be a whole number such as 0, e.g. {example}")
+    return dict(scheme=scheme, nodes=nodes, service=service, db=int(db),
+                username=unquote(username) or None, password=unquote(password) or None)
+
+
+def _host_port(text: str, default_port: int, setting: str, example: str) -> tuple:
+    host, _, port = text.strip().rpartition(":") if ":" in text else (text.strip(), "", str(default_port))
+    if not host or not re.fullmatch(r"[A-Za-z0-9.\-_\[\]:]+", host) or not port.isdigit() \
+            or not 0 < int(port) < 65536:
+        raise ConfigError(f"{setting} must list host:port pairs separated by commas, e.g. {example}")
+    return host.strip("[]"), int(port)
+
+
+def redis_topology(s: Settings) -> RedisTopology | None:
+    """The Redis the settings describe; None without Redis (the in-process store)."""
+    if s.redis_url is None:
+        return None
+    scheme = s.redis_url.split("://", 1)[0]
+    auth = dict(sentinel_username=s.redis_sentinel_username, sentinel_password=s.redis_sentinel_password)
+    if scheme in SENTINEL_SCHEMES or scheme in CLUSTER_SCHEMES:
+        parsed = _parse_multi_host_url(s.redis_url)
+        kind = "sentinel" if scheme in SENTINEL_SCHEMES else "cluster"
+        return RedisTopology(kind, None, parsed["nodes"], parsed["service"], parsed["db"], parsed["username"],
+                             parsed["password"], scheme.startswith("rediss") or s.redis_sentinel_ssl,
+                             **(auth if kind == "sentinel" else {}))
+    if s.redis_cluster:
+        parts = urlsplit(s.redis_url)
+        return RedisTopology("cluster", s.redis_url, ((parts.hostname, parts.port or 6379),),
+                             username=unquote(parts.username or "") or None,
+                             password=unquote(parts.password or "") or None, ssl=parts.scheme == "rediss")
+    return RedisTopology("single", s.redis_url)
+
+
+def check_redis_topology(s: Settings) -> None:
+    """Combinations that cannot all be meant, refused in one line each."""
+    scheme = s.redis_url.split("://", 1)[0] if s.redis_url else None
+    if s.redis_cluster and s.redis_url is None:
+        raise ConfigError("REDIS_CLUSTER=1 needs REDIS_URL naming any node of the cluster, e.g. redis://node-1:6379")
+    if s.redis_cluster and scheme in SENTINEL_SCHEMES:
+        raise ConfigError("REDIS_CLUSTER=1 and a Sentinel setup contradict each other: Sentinel watches one "
+                          "master, a cluster fails over by itself; set one of them")
+    if s.redis_cluster and scheme == "unix":
+        raise ConfigError("REDIS_CLUSTER=1 needs a redis:// or rediss:// REDIS_URL: a cluster is reached over TCP")
+    topology = redis_topology(s)
+    kind = topology.kind if topology else None
+    if kind == "cluster" and (topology.db != 0 or topology.url and _url_db(topology.url) != 0):
+        raise ConfigError("REDIS_URL names a database other than 0; a Redis Cluster has only database 0")
+    if (s.redis_sentinel_username or s.redis_sentinel_password or s.redis_sentinel_ssl) and kind != "sentinel":
+        raise ConfigError("REDIS_SENTINEL_USERNAME/PASSWORD/SSL apply only to a Sentinel setup (REDIS_SENTINELS "
+                          f"or a redis+sentinel:// REDIS_URL such as {SENTINEL_URL_EXAMPLE})")
+
+
+def _url_db(url: str) -> int:
+    parts = urlsplit(url)
+    dbs = parse_qs(parts.query).get("db", []) + ([parts.path[1:]] if parts.path not in ("", "/") else [])
+    return int(dbs[0]) if dbs else 0
+
+
+def sentinel_url_from(environ) -> str | None:
+    """REDIS_SENTINELS + REDIS_SENTINEL_SERVICE (+ REDIS_USERNAME/REDIS_PASSWORD for the data nodes),
+    as the equivalent redis+sentinel:// URL, so the rest of the gateway reads one form."""
+    sentinels = environ.get("REDIS_SENTINELS", "").strip()
+    if not sentinels:
+        return None
+    service = environ.get("REDIS_SENTINEL_SERVICE", "").strip()
+    user = quote(environ.get("REDIS_USERNAME", "").strip(), safe="")
+    password = quote(environ.get("REDIS_PASSWORD", "").strip(), safe="")
+    userinfo = f"{user}:{password}@" if user or password else ""
+    return f"redis+sentinel://{userinfo}{sentinels.replace(' ', '')}/{quote(service, safe='')}"
+
+
+def check_redis_environ(environ) -> None:
+    """The two ways to name a Sentinel setup, and the settings that belong to only one of them."""
+    sentinels = environ.get("REDIS_SENTINELS", "").strip()
+    url = environ.get("REDIS_URL", "").strip()
+    if sentinels and url:
+        raise ConfigError("set REDIS_SENTINELS (with REDIS_SENTINEL_SERVICE) or REDIS_URL, not both "
+                          f"(a Sentinel URL works too: {SENTINEL_URL_EXAMPLE})")
+    if sentinels and not environ.get("REDIS_SENTINEL_SERVICE", "").strip():
+        raise ConfigError("REDIS_SENTINELS needs REDIS_SENTINEL_SERVICE: the name of the master the Sentinels "
+                          "watch (sentinel monitor <name> ...), e.g. mymaster")
+    if not sentinels and environ.get("REDIS_SENTINEL_SERVICE", "").strip():
+        raise ConfigError("REDIS_SENTINEL_SERVICE is set but REDIS_SENTINELS is not: list the Sentinels as "
+                          "host:port,host:port")
+    if not sentinels and (environ.get("REDIS_PASSWORD") or environ.get("REDIS_USERNAME")):
+        raise ConfigError("REDIS_USERNAME/REDIS_PASSWORD are read only with REDIS_SENTINELS; otherwise put them "
+                          f"in REDIS_URL, e.g. {REDIS_URL_EXAMPLE}")
+    if sentinels:
+        for part in sentinels.split(","):
+            _host_port(part, 26379, "REDIS_SENTINELS", "sentinel-1:26379,sentinel-2:26379")
 
 
 def require_keystore(settings: Settings) -> None:
@@ -188,8 +342,9 @@ def _flag(environ, name):
 
 
 def redis_url_from(environ) -> str | None:
-    """REDIS_URL, else DATABASE_URL when it points at Redis (Heroku add-ons set either)."""
-    url = environ.get("REDIS_URL", "").strip()
+    """REDIS_URL, else the Sentinel URL REDIS_SENTINELS describes, else DATABASE_URL when it points
+    at Redis (Heroku add-ons set either)."""
+    url = environ.get("REDIS_URL", "").strip() or sentinel_url_from(environ)
     if url:
         return url
     url = environ.get("DATABASE_URL", "").strip()
@@ -211,6 +366,7 @@ def load_settings(environ=None, **overrides) -> Settings:
                 "HOSTED_VLLM_API_BASE is not set; point it at your vLLM server, e.g. http://vllm:8000 "
                 "(python -m fakevllm starts a fake one for demos)"
             )
+    check_redis_environ(env)
     values = dict(
         upstream_bases=parse_bases(base),
         master_key=env.get("LITELLM_MASTER_KEY", "").strip(),
@@ -230,6 +386,10 @@ def load_settings(environ=None, **overrides) -> Settings:
         redis_pool_timeout=_number(env, "REDIS_POOL_TIMEOUT", 5.0),
         redis_socket_timeout=_number(env, "REDIS_SOCKET_TIMEOUT", 2.0),
         redis_prefix=env.get("REDIS_KEY_PREFIX", "vgw:"),
+        redis_cluster=_flag(env, "REDIS_CLUSTER"),
+        redis_sentinel_username=env.get("REDIS_SENTINEL_USERNAME", "").strip() or None,
+        redis_sentinel_password=env.get("REDIS_SENTINEL_PASSWORD", "").strip() or None,
+        redis_sentinel_ssl=_flag(env, "REDIS_SENTINEL_SSL"),
         access_log=not _flag(env, "DISABLE_ACCESS_LOG"),
         upstream_cooloff=_number(env, "UPSTREAM_COOLOFF_SECONDS", 10.0),
         upstream_max_idle=_number(env, "UPSTREAM_KEEPALIVE_SECONDS", 4.0),
