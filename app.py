@@ -24,6 +24,7 @@ from gateway.services import Services
 from gateway.usage.accounting import Accounting
 from gateway.usage.budgets import Budgets
 from gateway.usage.limits import RateLimiter
+from gateway.usage.spendlog import LogLimits
 
 log = logging.getLogger("gateway")
 
@@ -75,11 +76,11 @@ def build_services(settings: Settings, redis_client, session=None) -> Services:
     keystore = KeyStore(redis_client, names, settings.key_cache_ttl, audit=audit)
     authenticator = Authenticator(settings.master_key, keystore)
     limiter = RateLimiter(redis_client, names, settings.parallel_lease_seconds)
-    # BUDGET_DEFAULT_MAX_TOKENS: read with a default until the settings carry it.
     budgets = Budgets(redis_client, names, settings.prices, settings.parallel_lease_seconds,
-                      getattr(settings, "budget_default_max_tokens", 0))
+                      settings.budget_default_max_tokens)
+    log_limits = LogLimits(key_entries=settings.spend_log_key_max, end_user_entries=settings.spend_log_end_user_max)
     accounting = Accounting(redis_client, names, settings.prices, settings.spend_log_max, limiter,
-                            end_user_ttl=settings.end_user_stats_ttl, budgets=budgets)
+                            end_user_ttl=settings.end_user_stats_ttl, budgets=budgets, log_limits=log_limits)
     passthrough = Passthrough(replicas, upstreams[0].auth_header, authenticator, settings.max_body_bytes,
                               accounting, limiter, metrics, settings.body_read_timeout, budgets)
     return Services(settings=settings, redis=redis_client, session=session, metrics=metrics,

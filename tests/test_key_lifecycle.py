@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from gateway.core.redisconn import is_cluster
 from gateway.core.redisnames import RedisNames
 from gateway.keys.store import KeyStore
 from tests.conftest import MASTER
@@ -130,12 +131,13 @@ def test_every_affected_token_is_evicted_and_published(redis_client):
     new = store.regenerate(store.find(key=old["key"]), 3600, caller="master")
     assert store.authenticate(old["key"]).token == new["token"]  # cached now
     pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(names.key_changes)
+    sharded = is_cluster(redis_client)  # a cluster publishes on a sharded channel
+    pubsub.ssubscribe(names.key_changes) if sharded else pubsub.subscribe(names.key_changes)
     store.update(store.find(alias="cached"), {"blocked": True}, caller="master", action="block")
     published = set()
     deadline = time.monotonic() + 5
     while len(published) < 2 and time.monotonic() < deadline:
-        message = pubsub.get_message(timeout=1)
+        message = (pubsub.get_sharded_message(timeout=1) if sharded else pubsub.get_message(timeout=1))
         if message:
             published.add(message["data"])
     pubsub.close()

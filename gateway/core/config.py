@@ -61,6 +61,9 @@ class Settings:
     spend_log_max: int = 100_000
     parallel_lease_seconds: float = 120.0
     end_user_stats_ttl: float = 30 * 86400.0  # per (key, end user) stats live this long after their last request
+    spend_log_key_max: int = 10_000  # spend-log entries kept per key (its index), 0: none
+    spend_log_end_user_max: int = 1_000  # per end user
+    budget_default_max_tokens: int = 1024  # output tokens reserved for a budgeted request with no max_tokens
 
     def __post_init__(self):
         _validate(self)
@@ -112,6 +115,9 @@ def _validate(s: Settings) -> None:
         raise ConfigError("KEY_CACHE_TTL must be between 0 (no cache) and 60 seconds")
     if s.spend_log_max <= 0 or s.parallel_lease_seconds <= 0:
         raise ConfigError("SPEND_LOG_MAX_ENTRIES and PARALLEL_SLOT_LEASE_SECONDS must be positive")
+    if min(s.spend_log_key_max, s.spend_log_end_user_max, s.budget_default_max_tokens) < 0:
+        raise ConfigError("SPEND_LOG_KEY_MAX_ENTRIES, SPEND_LOG_END_USER_MAX_ENTRIES and BUDGET_DEFAULT_MAX_TOKENS "
+                          "must be 0 or more")
     if s.redis_pool_timeout <= 0 or s.end_user_stats_ttl <= 0:
         raise ConfigError("REDIS_POOL_TIMEOUT and END_USER_STATS_TTL must be positive")
     if s.redis_ssl_cert_reqs not in ("required", "none"):
@@ -400,6 +406,9 @@ def load_settings(environ=None, **overrides) -> Settings:
         spend_log_max=_number(env, "SPEND_LOG_MAX_ENTRIES", 100_000, int),
         parallel_lease_seconds=_number(env, "PARALLEL_SLOT_LEASE_SECONDS", 120.0),
         end_user_stats_ttl=_number(env, "END_USER_STATS_TTL", 30 * 86400.0),
+        spend_log_key_max=_number(env, "SPEND_LOG_KEY_MAX_ENTRIES", 10_000, int),
+        spend_log_end_user_max=_number(env, "SPEND_LOG_END_USER_MAX_ENTRIES", 1_000, int),
+        budget_default_max_tokens=_number(env, "BUDGET_DEFAULT_MAX_TOKENS", 1024, int),
     )
     values.update(overrides)
     return Settings(**values)

@@ -16,9 +16,7 @@ from __future__ import annotations
 import logging
 import time
 
-from redis.cluster import RedisCluster
-
-from gateway.core.redisconn import REDIS_ERRORS, incidents
+from gateway.core.redisconn import REDIS_ERRORS, incidents, is_cluster
 
 log = logging.getLogger("gateway")
 
@@ -27,7 +25,7 @@ MAX_ENTRIES = 50_000
 
 def publish_changes(client, channel: str, tokens) -> None:
     """Tell every worker (of every instance) to drop these tokens; raises Redis errors."""
-    send = client.spublish if isinstance(client, RedisCluster) else client.publish
+    send = client.spublish if is_cluster(client) else client.publish
     for token in tokens:
         send(channel, token)
 
@@ -39,7 +37,7 @@ class KeyCache:
         self.ttl = ttl
         self.entries: dict[str, tuple[float, dict, tuple]] = {}
         self._listening = False
-        self.sharded = isinstance(client, RedisCluster)
+        self.sharded = is_cluster(client)
 
 
     def get(self, token: str):

@@ -93,13 +93,6 @@ class KeyStore:
         return hash_key(key_or_token)
 
     # -- reading ----------------------------------------------------------------------------
-    def ping(self) -> tuple[bool, str]:
-        try:
-            self.redis.ping()
-        except REDIS_ERRORS as exc:
-            return False, type(exc).__name__
-        return True, "PONG"
-
     def has_earlier_layout(self) -> bool:
         """Whether keys of the earlier layout (untagged names, one `keys` index) are still in
         Redis: this version cannot see them until `python -m gateway.keys.migrate` has run."""

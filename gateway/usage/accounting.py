@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import json
 import logging
 import time
 
@@ -90,11 +89,11 @@ class Charge:
 
 class Accounting:
     def __init__(self, client, names, prices: dict, spend_log_max: int, limiter=None, background=None,
-                 end_user_ttl: float = 30 * 86400, budgets: Budgets | None = None):
+                 end_user_ttl: float = 30 * 86400, budgets: Budgets | None = None, log_limits=None):
         self.redis = client
         self.names = names
         self.prices = prices
-        self.log = SpendLog(client, names, spend_log_max, end_user_ttl)
+        self.log = SpendLog(client, names, spend_log_max, end_user_ttl, limits=log_limits)
         self.limiter = limiter
         if limiter is not None:
             limiter.on_deferred = self._wake_up
