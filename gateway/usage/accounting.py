@@ -84,7 +84,9 @@ class Charge:
         self.completion_tokens += entry["completion_tokens"]
         self.spend += entry["spend"]
         if hold is not None:
-            self.holds.append(hold.member)
+            # Its name as adjusted to the real cost too: a reply lost after the adjustment left
+            # the Hold with the old name (ZREM of a name that is not there does nothing).
+            self.holds.extend({hold.member, hold.adjusted_name(entry["spend"])})
 
 
 class Accounting:
@@ -114,6 +116,10 @@ class Accounting:
         if slot is not None:
             self.limiter.release(slot)  # never raises: a failed release is queued for flush()
         self.budgets.release_lease(hold)
+        if hold is not None:
+            # The next request must see this one's real cost, not its estimate, at once (else it
+            # could find the room still held and get a 429 until the batch settles). Never raises.
+            self.budgets.adjust_now(hold, entry["spend"])
         self.pending.append((entry, key, hold, False))
         self._wake_up()
 
@@ -171,10 +177,12 @@ class Accounting:
                     log.exception("accounting skipped request %s", entry.get("request_id"))
             # One script call per key and budget period in a batch, not one per request.
             charges.extend(new_charges.values())
+            first_settle = len(pipe)
             for charge in charges:
                 self.budgets.queue_settle(pipe, charge)
             self.log.queue_batch(pipe, logged)
-            pipe.execute()
+            replies = pipe.execute()
+            self._forward_moved(charges, replies[first_settle:first_settle + len(charges)])
         except REDIS_ERRORS as exc:
             self.unsettled = charges
             self.pending.extendleft(reversed([(entry, key, hold, True) for entry, key, hold, _ in batch]))
@@ -187,6 +195,19 @@ class Accounting:
             log.exception("accounting failed for a batch of %d requests", len(batch))
         incidents.answered()
         return True
+
+    def _forward_moved(self, charges: list, replies: list) -> None:
+        """Charges that reached a key regenerated meanwhile (requests admitted under the old
+        token, settled after the swap) go to its successor with the next batch."""
+        for charge, reply in zip(charges, replies):
+            successor = reply.decode() if isinstance(reply, bytes) else reply
+            if isinstance(successor, str) and successor:
+                moved = Charge(successor, charge.period, self.budgets.next_sequence())
+                moved.requests, moved.spend = charge.requests, charge.spend
+                moved.prompt_tokens, moved.completion_tokens = charge.prompt_tokens, charge.completion_tokens
+                self.unsettled.append(moved)
+        if self.unsettled:
+            self._wake_up()
 
     def _deferred_undos(self) -> bool:
         return self.limiter is not None and bool(self.limiter.deferred)

@@ -38,7 +38,7 @@ import secrets
 import time
 
 from gateway.core.errors import GatewayError
-from gateway.core.redisconn import REDIS_ERRORS, unavailable
+from gateway.core.redisconn import REDIS_ERRORS, incidents, unavailable
 from gateway.usage.limits import ClusterScript, LeaseRenewer
 from gateway.usage.prices import cost
 from gateway.usage.tap import estimate_prompt_tokens
@@ -108,6 +108,19 @@ redis.call('HSET', spend, 'reserved', num(reserved + take))
 return {1, num(spent), num(reserved), member}
 """
 
+# KEYS: spend, holds. ARGV: the reservation's member, the same renamed to carry the real cost.
+# A request that ended holds its real cost instead of its estimate until it is settled.
+_ADJUST = _LUA_HELPERS + """
+local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not score then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[2], score, ARGV[2])
+local reserved = tonumber(redis.call('HGET', KEYS[1], 'reserved') or '0') - amount(ARGV[1]) + amount(ARGV[2])
+if reserved < 0 then reserved = 0 end
+redis.call('HSET', KEYS[1], 'reserved', num(reserved))
+return 1
+"""
+
 # KEYS: spend, holds, settled. ARGV: worker, sequence, period, requests, prompt tokens,
 # completion tokens, cost, settled ttl, then the members of the reservations to drop.
 _SETTLE = _LUA_HELPERS + """
@@ -116,6 +129,11 @@ local seq = tonumber(ARGV[2])
 if tonumber(redis.call('HGET', settled, ARGV[1]) or '0') >= seq then return 0 end  -- a retry
 redis.call('HSET', settled, ARGV[1], seq)
 redis.call('EXPIRE', settled, ARGV[8])
+local moved = redis.call('HGET', spend, 'moved_to')
+if moved then  -- the key was regenerated: its reservations end here, its charge goes to the new key
+  if #ARGV > 8 then redis.call('ZREM', holds, unpack(ARGV, 9)) end
+  return moved
+end
 redis.call('HINCRBY', spend, 'requests', ARGV[4])
 redis.call('HINCRBY', spend, 'prompt_tokens', ARGV[5])
 redis.call('HINCRBY', spend, 'completion_tokens', ARGV[6])
@@ -185,6 +203,10 @@ class Hold:
         self.member = member
         self.amount = amount
 
+    def adjusted_name(self, actual: float) -> str:
+        """The lease member once it holds the request's real cost instead of its estimate."""
+        return f"{actual!r}|{self.member.split('|', 1)[1]}"
+
 
 def budget_exceeded(spent: float, max_budget: float, reserved: float = 0.0, estimate: float | None = None):
     """The 400 every budget refusal answers; the reservation's version names what did not fit."""
@@ -208,6 +230,7 @@ class Budgets:
         self.leases = LeaseRenewer(client, lease_seconds, what="budget reservation")
         self._reserve = ClusterScript(client, _RESERVE)
         self._settle = ClusterScript(client, _SETTLE)
+        self._adjust = ClusterScript(client, _ADJUST)
         # Identifies this worker's charges for the idempotent settle (see the module docstring).
         self.worker = secrets.token_hex(6)
         self._sequence = 0
@@ -253,10 +276,29 @@ class Budgets:
         self._sequence += 1
         return self._sequence
 
-    def queue_settle(self, pipe, charge) -> None:
-        """Queue on an accounting pipeline: add a key's charge and drop its reservations."""
+    def adjust_now(self, hold: Hold, actual: float) -> None:
+        """The request ended: its reservation becomes its real cost until the batch settles it
+        (one round trip, in the request's own greenlet). Never raises: on a Redis error the
+        estimate stays reserved until the settle (or the lease's end)."""
+        member = hold.adjusted_name(actual)
+        try:
+            done = self._adjust([self.names.key_spend(hold.token), self.names.budget_holds(hold.token)],
+                                [hold.member, member])
+        except REDIS_ERRORS as exc:
+            incidents.report(exc, "Budget reservations are settled with the next accounting batch.")
+            return
+        if int(done):  # a reply lost after the change leaves the old name: the settle drops either
+            hold.member, hold.amount = member, actual
+
+    def _settle_call(self, charge) -> tuple[list, list]:
         token = charge.token
         keys = [self.names.key_spend(token), self.names.budget_holds(token), self.names.budget_settled(token)]
         args = [self.worker, charge.sequence, charge.period, charge.requests, charge.prompt_tokens,
                 charge.completion_tokens, repr(charge.spend), SETTLED_TTL, *charge.holds]
-        self._settle.queue(pipe, keys, args)
+        return keys, args
+
+    def queue_settle(self, pipe, charge) -> None:
+        """Queue on an accounting pipeline: add a key's charge and drop its reservations. The
+        reply is 1 (applied), 0 (a retry, applied before) or the token of the key's successor
+        when the key was regenerated meanwhile: the caller charges that one instead."""
+        self._settle.queue(pipe, *self._settle_call(charge))

@@ -194,7 +194,7 @@ def test_an_outage_keeps_the_charge_and_the_reservation_until_redis_answers(budg
 
     monkeypatch.setattr(pipeline_class, "execute", refused)
     accounting.record(finished(0.012), KEY, hold=hold)
-    assert float(spend_hash(budgets)["reserved"]) == pytest.approx(0.022)  # still held
+    assert float(spend_hash(budgets)["reserved"]) == pytest.approx(0.012)  # held, at its real cost
     monkeypatch.setattr(pipeline_class, "execute", real_execute)
     assert accounting.flush()
     assert float(spend_hash(budgets)["budget_spend"]) == pytest.approx(0.012)
@@ -229,6 +229,9 @@ class NoEvalshaPipeline:
             self.evalsha()
         return self._pipe.execute_command(*args, **kwargs)
 
+    def __len__(self):
+        return len(self._pipe)
+
     def __getattr__(self, name):
         return getattr(self._pipe, name)
 
@@ -245,3 +248,32 @@ def test_the_flush_queues_no_evalsha_on_its_pipeline(budgets, monkeypatch):
     accounting.record(finished(0.012), KEY, hold=hold)
     assert not accounting.pending and not accounting.unsettled and not limiter.deferred
     assert float(spend_hash(budgets)["budget_spend"]) == pytest.approx(0.012)
+
+
+def test_a_charge_settled_after_its_key_was_regenerated_reaches_the_new_key(redis_client, budgets, accounting):
+    from gateway.keys.store import KeyStore
+
+    store = KeyStore(redis_client, budgets.names, cache=False)
+    old = store.generate({"max_budget": 1.0}, caller="master")
+    accounting.record({**finished(0.01), "token": old["token"]}, KEY)
+    hold = budgets.reserve(old["token"], KEY, "all", BOUNDED, "in-flight")  # admitted before the swap
+    new = store.regenerate(old, None, caller="master")
+    assert float(redis_client.hget(budgets.names.key_spend(new["token"]), "spend")) == pytest.approx(0.01)
+    accounting.record({**finished(0.02), "token": old["token"]}, KEY, hold=hold)  # settles after it
+    moved = redis_client.hgetall(budgets.names.key_spend(new["token"]))
+    assert float(moved["spend"]) == pytest.approx(0.03) and moved["requests"] == "2"
+    assert redis_client.zcard(budgets.names.budget_holds(old["token"])) == 0
+
+
+def test_an_ended_request_holds_its_real_cost_until_it_is_settled(budgets, accounting, monkeypatch):
+    """Between a request's end and its batch, the next request must see the real cost, not the
+    estimate (else, near the end of a budget, it would get a 429 until the batch runs)."""
+    first = budgets.reserve(TOKEN, KEY, "all", BOUNDED, "first")
+    monkeypatch.setattr(accounting, "_wake_up", lambda: None)  # the batch has not run yet
+    accounting.record(finished(0.005), KEY, hold=first)
+    assert float(spend_hash(budgets)["reserved"]) == pytest.approx(0.005)
+    assert [budgets.reserve(TOKEN, KEY, "all", BOUNDED, f"next-{i}") for i in range(4)]  # 0.005 + 4 × 0.022
+    monkeypatch.undo()
+    assert accounting.flush()
+    assert float(spend_hash(budgets)["budget_spend"]) == pytest.approx(0.005)
+    assert float(spend_hash(budgets)["reserved"]) == pytest.approx(4 * 0.022)
