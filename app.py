@@ -53,6 +53,9 @@ def create_app(config=None) -> Flask:
         require_keystore(settings)
         redis_client = make_redis(settings)
     app.extensions["gateway"] = build_services(settings, redis_client, session)
+    if app.extensions["gateway"].keystore.has_earlier_layout():
+        log.warning("Redis holds virtual keys in the layout of an earlier version, which this one cannot "
+                    "see: run `python -m gateway.keys.migrate` (see README, Upgrading)")
     _register_blueprints(app)
     _install_request_record(app)
     _install_error_handlers(app)

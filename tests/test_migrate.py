@@ -1,6 +1,7 @@
 """The migration command: a keyspace of the earlier layout (untagged records, one `keys` index)
 moved in place and copied to another server, with no key, alias or cent of spend lost."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import pytest
 
 from gateway.core.redisnames import RedisNames
 from gateway.keys.migrate import Migration, total_spend
-from tests.conftest import MASTER, ROOT, TEST_PRICES, build_app, gateway_environ
+from tests.conftest import (MASTER, ROOT, TEST_PRICES, _purge, build_app, gateway_environ, gateway_redis,
+                            topology_environ)
 from tests.e2e.redis_server import own_redis_factory  # noqa: F401 (fixture)
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "one two three"}]}
@@ -53,12 +55,15 @@ def check_served(web, made):
     assert web.get("/key/list?key_alias=k3", headers=MASTER).get_json()["keys"] == [made[3]["token"]]
 
 
-def test_in_place_migration_keeps_every_key_alias_and_cent(real_redis_prefix, vllm):
+def test_in_place_migration_keeps_every_key_alias_and_cent(real_redis_prefix, vllm, caplog):
     client, prefix = real_redis_prefix
     made, web = old_layout(client, prefix, vllm.url)
     spend = total_spend(client, RedisNames(prefix))
-    # Before: the keys are invisible to this version.
+    # Before: the keys are invisible to this version, and a starting worker says what to run.
     assert web.get("/vllm/v1/models", headers={"Authorization": f"Bearer {made[0]['key']}"}).status_code == 401
+    with caplog.at_level(logging.WARNING, logger="gateway"):
+        build_app({"environ": gateway_environ(vllm.url, REDIS_KEY_PREFIX=prefix), "redis": client})
+    assert "python -m gateway.keys.migrate" in caplog.text
 
     assert Migration(client, client, prefix).run(dry_run=True)
     assert client.exists(f"{prefix}key:{made[0]['token']}")  # a dry run changes nothing
@@ -71,20 +76,33 @@ def test_in_place_migration_keeps_every_key_alias_and_cent(real_redis_prefix, vl
 
     again = Migration(client, client, prefix)
     assert again.run() and again.moved == 0  # a second run finds nothing to move
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gateway"):
+        build_app({"environ": gateway_environ(vllm.url, REDIS_KEY_PREFIX=prefix), "redis": client})
+    assert "migrate" not in caplog.text
 
 
-def test_copy_to_another_server_through_the_command(real_redis_prefix, vllm, own_redis_factory, tmp_path):
+@pytest.mark.parametrize("target_kind", ["single node", "cluster"])
+def test_copy_to_another_server_through_the_command(real_redis_prefix, vllm, own_redis_factory, request,
+                                                     target_kind):
     client, prefix = real_redis_prefix
     made, _ = old_layout(client, prefix, vllm.url, keys=4)
-    target = own_redis_factory()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
-    env.update(REDIS_URL=target.url, REDIS_KEY_PREFIX=prefix)
+    if target_kind == "cluster":  # a sharded target: every name lands in its own slot
+        cluster = request.getfixturevalue("shared_cluster")
+        env.update(topology_environ(cluster))
+        moved = gateway_redis(cluster)
+    else:
+        target = own_redis_factory()
+        env["REDIS_URL"] = target.url
+        moved = target.client()
+    env["REDIS_KEY_PREFIX"] = prefix
     done = subprocess.run([sys.executable, "-m", "gateway.keys.migrate", "--from", _url(client)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "check: 4 keys on the source, 4 on the target" in done.stdout
+    request.addfinalizer(lambda: _purge(moved, prefix))
 
-    moved = target.client()
     app = build_app({"environ": gateway_environ(vllm.url, REDIS_KEY_PREFIX=prefix), "redis": moved})
     check_served(app.test_client(), made)
     assert total_spend(moved, RedisNames(prefix)) == pytest.approx(total_spend(client, RedisNames(prefix)))
