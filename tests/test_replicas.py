@@ -166,11 +166,17 @@ def test_no_retry_once_the_response_started(two, start_gateway):
     assert len(sent) == 1
 
 
-def test_responses_follow_ups_stick_to_the_creating_replica(two, start_gateway, real_redis_prefix):
-    from tests.conftest import REAL_REDIS_URL
+@pytest.mark.parametrize("topology", ["redis", "cluster", "sentinel"])
+def test_responses_follow_ups_stick_to_the_creating_replica(two, start_gateway, real_redis_prefix, request, topology):
+    from tests.conftest import REAL_REDIS_URL, _purge, gateway_redis, topology_environ
     a, b = two
     _, prefix = real_redis_prefix
-    gw = start_gateway(gateway_environ(f"{a.url},{b.url}", REDIS_URL=REAL_REDIS_URL, REDIS_KEY_PREFIX=prefix), workers=2)
+    redis_env = {"REDIS_URL": REAL_REDIS_URL}
+    if topology != "redis":  # the stickiness map on a sharded or Sentinel-watched Redis
+        started = request.getfixturevalue(f"shared_{topology}")
+        redis_env = topology_environ(started)
+        request.addfinalizer(lambda: _purge(gateway_redis(started), prefix))
+    gw = start_gateway(gateway_environ(f"{a.url},{b.url}", REDIS_KEY_PREFIX=prefix, **redis_env), workers=2)
     creators = {}
     for i in range(6):
         r = requests.post(gw.url + "/vllm/v1/responses", headers={**MASTER, "X-Request-Id": f"stick-{i}"},
