@@ -12,7 +12,7 @@ from blueprints.audit import master_only
 from gateway.core.errors import GatewayError
 from gateway.core.redisconn import REDIS_ERRORS, unavailable
 from gateway.keys.store import KeyStore
-from gateway.usage.spendlog import GROUPINGS, INTERVALS
+from gateway.usage.usagecounters import GROUPINGS, INTERVALS
 
 bp = Blueprint("spend", __name__)
 
@@ -61,7 +61,7 @@ def spend_report():
         raise GatewayError(400, "start_date: must not be after end_date", param="start_date")
     limit = int_arg("limit", 100, 1, 1000)
     try:
-        return jsonify(_spend_log().usage_report(group_by, interval, start, end, limit))
+        return jsonify(_spend_log().counters.report(group_by, interval, start, end, limit))
     except REDIS_ERRORS:
         raise unavailable() from None
 

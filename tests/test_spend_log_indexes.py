@@ -112,6 +112,6 @@ def test_a_batch_is_written_and_read_on_a_redis_cluster(cluster):
     assert len(log.query(end_user="eu-2")["logs"]) == 6
     assert [e["token"] for e in log.query(request_id="c-5")["logs"]] == ["2" * 64]
     assert log.query(token="0" * 64, end_user="eu-0")["logs"][0]["request_id"] == "c-12"
-    report = log.usage_report("end_user", "hour", now, now)
+    report = log.counters.report("end_user", "hour", now, now)
     assert {s["group"]: s["totals"]["requests"] for s in report["series"]} == {f"eu-{i}": 6 for i in range(4)}
     assert log.end_user_totals("eu-1")["requests"] == 6

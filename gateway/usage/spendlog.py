@@ -13,8 +13,8 @@ to the global stream and to small indexes beside it, in the accounting batch's p
   with a one-day lifetime cost ~600 B per request per day (5 GB/day at 100 requests/s).
   Callers choose X-Request-Id, so several requests may share one: all of them are found.
   Entries read from a list have no stream id ("id" is null);
-- usage counters per hour and per day (`usage:<interval>:<start>`, one hash per bucket with one
-  field per key, model and end user), which a usage report reads without touching the log.
+- usage counters per hour and per day (gateway/usage/usagecounters.py), which a usage report
+  reads without touching the log.
 Every one of them is a single key written by single-key commands (EVAL with its one key for
 the counters, never EVALSHA), so the batch works on a Redis Cluster pipeline.
 
@@ -28,7 +28,7 @@ END_USER_STATS_TTL after its last request, with an index per end user of the key
 "master") that used it, so one tenant's traffic never shows in another's totals.
 
 Accounting (gateway/usage/accounting.py) queues a batch's writes on its pipeline through
-`queue_batch`; the views read through `query`, `usage_report` and `end_user_totals`.
+`queue_batch`; the views read through `query`, `end_user_totals` and `counters.report`.
 """
 from __future__ import annotations
 
@@ -37,20 +37,15 @@ import time
 import zlib
 from dataclasses import dataclass
 
-from gateway.core.errors import GatewayError
 from gateway.core.timefmt import iso
+from gateway.usage.usagecounters import MASTER_BUCKET, UsageCounters, clip
 
-MASTER_BUCKET = "master"  # end-user stats and usage of master-key requests (they have no token)
 ENTRY_MAX_BYTES = 1024
 # Caller-chosen free text in a spend-log entry: clipped to this many characters.
 CLIP = {"route": 200, "error": 200}
 # Fields a reader can rebuild, so the log does not store them (see _log_entry).
 DERIVED = ("total_tokens", "end_time", "caller")
 DAY = 86400
-INTERVALS = {"hour": 3600, "day": DAY}
-GROUPINGS = {"key": "k", "model": "m", "end_user": "u"}  # usage-bucket field prefix of each grouping
-REPORT_MAX_BUCKETS = 1000
-COUNTS = ("requests", "prompt_tokens", "completion_tokens", "spend")
 # Below this cap a stream is trimmed exactly: approximate trimming only drops whole nodes of
 # 100 entries, so a cap of 20 would hold ~100.
 EXACT_TRIM_BELOW = 1000
@@ -81,38 +76,6 @@ class LogLimits:
     bucket_end_users: int = 1_000    # distinct end users one bucket counts separately
 
 
-# Add a batch's counts to one usage bucket (a hash, KEYS[1]). ARGV: lifetime (s), most models,
-# most end users, then per group: field, requests, prompt tokens, completion tokens, spend.
-# A field holds "requests prompt completion spend" (one field per group, not four: a quarter
-# of the memory). A model or end user new to a bucket that already counts the most it may is
-# added to the "other" field of its kind ("m~", "u~"); "#m"/"#u" count the distinct ones.
-_ADD_USAGE = """
-local most = {m = tonumber(ARGV[2]), u = tonumber(ARGV[3])}
-for i = 4, #ARGV, 5 do
-  local field = ARGV[i]
-  local kind = string.sub(field, 1, 1)
-  local old = redis.call('HGET', KEYS[1], field)
-  if not old and most[kind] then
-    if tonumber(redis.call('HGET', KEYS[1], '#' .. kind) or '0') >= most[kind] then
-      field = kind .. '~'
-      old = redis.call('HGET', KEYS[1], field)
-    else
-      redis.call('HINCRBY', KEYS[1], '#' .. kind, 1)
-    end
-  end
-  local r, p, c, s = 0, 0, 0, 0
-  if old then
-    local a, b, d, e = string.match(old, '^(%S+) (%S+) (%S+) (%S+)$')
-    r, p, c, s = tonumber(a), tonumber(b), tonumber(d), tonumber(e)
-  end
-  redis.call('HSET', KEYS[1], field, string.format('%d %d %d %.17g', r + tonumber(ARGV[i + 1]),
-    p + tonumber(ARGV[i + 2]), c + tonumber(ARGV[i + 3]), s + tonumber(ARGV[i + 4])))
-end
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return 1
-"""
-
-
 class SpendLog:
     def __init__(self, client, names, max_entries: int, end_user_ttl: float = 30 * DAY,
                  limits: LogLimits | None = None):
@@ -122,6 +85,7 @@ class SpendLog:
         self.end_user_ttl = int(end_user_ttl)
         self.limits = limits or LogLimits()
         self.request_ids = max_entries if self.limits.request_ids is None else self.limits.request_ids
+        self.counters = UsageCounters(client, names, self.limits)
 
     # -- writing ----------------------------------------------------------------------------
     def queue_batch(self, pipe, entries: list[dict]) -> None:
@@ -141,13 +105,13 @@ class SpendLog:
             stored = {"e": stored_entry(entry)}
             pipe.xadd(self.names.spend_log, stored, maxlen=self.max_entries, approximate=True)
             self._queue_indexes(pipe, entry, stored, expiring)
-            _count_usage(buckets, entry)
+            self.counters.count(buckets, entry)
         for name, (seconds, keep) in expiring.items():  # once per index a batch wrote, not per entry
             if keep:
                 pipe.ltrim(name, 0, keep - 1)
             pipe.expire(name, seconds)
         self._queue_end_users(pipe, end_users)
-        self._queue_usage(pipe, buckets)
+        self.counters.queue(pipe, buckets)
 
     def _queue_indexes(self, pipe, entry: dict, stored: dict, expiring: dict) -> None:
         """The entry's copies in its key's and end user's streams and under its request id."""
@@ -158,11 +122,11 @@ class SpendLog:
             _capped_xadd(pipe, name, stored, limits.key_entries)
             expiring[name] = (limits.key_ttl, None)
         if end_user and limits.end_user_entries:
-            name = self.names.end_user_log(_clip(end_user, 256))
+            name = self.names.end_user_log(clip(end_user, 256))
             pipe.lpush(name, stored["e"])
             expiring[name] = (limits.end_user_ttl, limits.end_user_entries)
         if request_id and self.request_ids:
-            name = self._request_list(_clip(request_id, 256))
+            name = self._request_list(clip(request_id, 256))
             pipe.lpush(name, stored["e"])
             expiring[name] = (REQUEST_LIST_TTL, REQUEST_LIST_KEEP)
 
@@ -180,20 +144,6 @@ class SpendLog:
             index = self.names.end_user_keys(end_user)
             pipe.zadd(index, {bucket: last})
             pipe.expire(index, self.end_user_ttl)
-
-    def _queue_usage(self, pipe, buckets: dict) -> None:
-        """One EVAL per bucket a batch touched: the script text and its one key, which a cluster
-        pipeline routes by that key (it refuses EVALSHA, and its `eval` method is something else,
-        hence execute_command)."""
-        limits = self.limits
-        lifetimes = {"hour": limits.hour_buckets_ttl, "day": limits.day_buckets_ttl}
-        for (interval, start), groups in buckets.items():
-            if not lifetimes[interval]:
-                continue
-            args = [lifetimes[interval], limits.bucket_models, limits.bucket_end_users]
-            for field, (requests, prompt, completion, spend) in groups.items():
-                args += [field, requests, prompt, completion, repr(spend)]
-            pipe.execute_command("EVAL", _ADD_USAGE, 1, self.names.usage_bucket(interval, start), *args)
 
     # -- reading the log -------------------------------------------------------------------
     def query(self, *, token=None, key_alias=None, end_user=None, request_id=None,
@@ -273,34 +223,6 @@ class SpendLog:
                 return
             first, count = first + count, WALK_BATCH
 
-    # -- reading counters --------------------------------------------------------------------
-    def usage_report(self, group_by: str, interval: str, start: float, end: float, limit: int = 100) -> dict:
-        """Per group (key token or "master", model, end user): requests, tokens and spend per
-        bucket from `start` to `end`, read from the usage counters only. The `limit` groups
-        with the most spend are listed; the rest, and what a bucket counted as "other", are
-        summed in one series with "other": true."""
-        starts = bucket_starts(interval, start, end)
-        pipe = self.redis.pipeline(transaction=False)
-        for bucket in starts:
-            pipe.hgetall(self.names.usage_bucket(interval, bucket))
-        kind = GROUPINGS[group_by]
-        per_group: dict = {}
-        for position, raw in enumerate(pipe.execute() if starts else []):
-            for field, value in raw.items():
-                if field == kind + "~":
-                    group = None
-                elif field.startswith(kind + "|"):
-                    group = field[2:]
-                else:
-                    continue
-                counts = per_group.setdefault(group, [[0] * len(starts) for _ in COUNTS])
-                requests, prompt, completion, spend = value.split(" ")
-                for series, number in zip(counts, (int(requests), int(prompt), int(completion), float(spend))):
-                    series[position] = number
-        return {"group_by": group_by, "interval": interval, "start": iso(starts[0]),
-                "end": iso(starts[-1] + INTERVALS[interval]), "buckets": [iso(s) for s in starts],
-                "series": _top_series(per_group, limit, len(starts))}
-
     # -- end users ---------------------------------------------------------------------------
     def end_user_totals(self, end_user: str) -> dict | None:
         """An end user's usage per key ("master" for the master key) and summed over them."""
@@ -351,57 +273,6 @@ def _capped_xadd(pipe, name: str, stored: dict, cap: int) -> None:
     pipe.xadd(name, stored, maxlen=cap, approximate=cap >= EXACT_TRIM_BELOW)
 
 
-def _count_usage(buckets: dict, entry: dict) -> None:
-    """Add one entry to the hour and day buckets of the time it started, per key, model, end user."""
-    at = entry.get("start_time") or time.time()
-    groups = ["k|" + (entry.get("token") or MASTER_BUCKET)]
-    groups += [f"{kind}|{_clip(entry[name], 256)}" for kind, name in (("m", "model"), ("u", "end_user"))
-               if entry.get(name)]
-    for interval, seconds in INTERVALS.items():
-        bucket = buckets.setdefault((interval, int(at // seconds) * seconds), {})
-        for field in groups:
-            counts = bucket.setdefault(field, [0, 0, 0, 0.0])
-            counts[0] += 1
-            counts[1] += entry.get("prompt_tokens") or 0
-            counts[2] += entry.get("completion_tokens") or 0
-            counts[3] += entry.get("spend") or 0.0
-
-
-def bucket_starts(interval: str, start: float, end: float) -> list[int]:
-    """The starts (epoch, UTC-aligned) of the buckets from `start` to `end`; 400 if too many."""
-    if interval not in INTERVALS:
-        raise GatewayError(400, "interval: must be hour or day", param="interval")
-    seconds = INTERVALS[interval]
-    first, last = int(start // seconds) * seconds, int(end // seconds) * seconds
-    if (last - first) // seconds + 1 > REPORT_MAX_BUCKETS:
-        raise GatewayError(400, f"start_date: a report covers at most {REPORT_MAX_BUCKETS} {interval}s",
-                           param="start_date")
-    return list(range(first, last + 1, seconds))
-
-
-def _top_series(per_group: dict, limit: int, length: int) -> list[dict]:
-    """The `limit` groups with the most spend (then requests), then one "other" series for the rest."""
-    other = per_group.pop(None, None)
-    ranked = sorted(per_group.items(), key=lambda item: (-sum(item[1][3]), -sum(item[1][0]), item[0]))
-    for _, counts in ranked[limit:]:
-        other = other or [[0] * length for _ in COUNTS]
-        for summed, series in zip(other, counts):
-            summed[:] = [a + b for a, b in zip(summed, series)]
-    shown = [_series(group, counts, False) for group, counts in ranked[:limit]]
-    return shown + ([_series(None, other, True)] if other else [])
-
-
-def _series(group, counts: list, other: bool) -> dict:
-    requests, prompt, completion, spend = counts
-    spend = [round(s, 10) for s in spend]
-    total = [p + c for p, c in zip(prompt, completion)]
-    return {"group": group, "other": other, "requests": requests, "prompt_tokens": prompt,
-            "completion_tokens": completion, "total_tokens": total, "spend": spend,
-            "totals": {"requests": sum(requests), "prompt_tokens": sum(prompt),
-                       "completion_tokens": sum(completion), "total_tokens": sum(total),
-                       "spend": round(sum(spend), 10)}}
-
-
 def _usage(raw: dict) -> dict:
     prompt, completion = int(raw.get("prompt_tokens", 0)), int(raw.get("completion_tokens", 0))
     return {"requests": int(raw.get("requests", 0)), "prompt_tokens": prompt, "completion_tokens": completion,
@@ -409,24 +280,20 @@ def _usage(raw: dict) -> dict:
             "last_seen": raw.get("last_seen")}
 
 
-def _clip(value, limit: int):
-    return value[:limit] + "…" if isinstance(value, str) and len(value) > limit else value
-
-
 def stored_entry(entry: dict) -> str:
     """The spend-log JSON of one request: no derivable or null fields, caller-chosen text clipped,
     at most ENTRY_MAX_BYTES (the longest strings are cut further if it is still larger)."""
-    kept = {name: _clip(value, CLIP.get(name, 256)) for name, value in entry.items()
+    kept = {name: clip(value, CLIP.get(name, 256)) for name, value in entry.items()
             if value is not None and name not in DERIVED}
     if entry.get("caller") not in (None, _caller(kept)):
-        kept["caller"] = _clip(entry["caller"], 64)
+        kept["caller"] = clip(entry["caller"], 64)
     for name in ("start_time", "spend"):
         if isinstance(kept.get(name), float):
             kept[name] = round(kept[name], 6) if name == "start_time" else float(f"{kept[name]:.10g}")
     text = json.dumps(kept, separators=(",", ":"), ensure_ascii=False)
     while len(text.encode()) > ENTRY_MAX_BYTES:
         longest = max((n for n, v in kept.items() if isinstance(v, str)), key=lambda n: len(kept[n]))
-        kept[longest] = _clip(kept[longest], len(kept[longest]) // 2)
+        kept[longest] = clip(kept[longest], len(kept[longest]) // 2)
         text = json.dumps(kept, separators=(",", ":"), ensure_ascii=False)
     return text
 

@@ -200,14 +200,14 @@ def test_usage_is_counted_per_hour_and_day_by_key_model_and_end_user(redis_clien
     log = spend_log(redis_client)
     write(log, entry(start_time=T0 + 10, end_user="ida"), entry(start_time=T0 + 20, model="big", spend=1.5),
           entry(start_time=T0 + HOUR + 5, token=None, end_user="ida"))
-    by_key = log.usage_report("key", "hour", T0, T0 + HOUR + 1)
+    by_key = log.counters.report("key", "hour", T0, T0 + HOUR + 1)
     assert by_key["buckets"] == ["2027-01-15T00:00:00Z", "2027-01-15T01:00:00Z"]
     series = {s["group"]: s for s in by_key["series"]}
     assert series[TOKEN_A]["requests"] == [2, 0] and series[TOKEN_A]["spend"] == [pytest.approx(1.513), 0]
     assert series["master"]["requests"] == [0, 1] and series[TOKEN_A]["total_tokens"] == [16, 0]
-    by_model = log.usage_report("model", "day", T0, T0)["series"]
+    by_model = log.counters.report("model", "day", T0, T0)["series"]
     assert [(s["group"], s["totals"]["requests"]) for s in by_model] == [("big", 1), ("fake-model", 2)]
-    by_user = log.usage_report("end_user", "day", T0, T0 + HOUR)["series"]
+    by_user = log.counters.report("end_user", "day", T0, T0 + HOUR)["series"]
     assert [(s["group"], s["requests"]) for s in by_user] == [("ida", [2])]
 
 
@@ -224,16 +224,16 @@ def test_a_bucket_counts_at_most_so_many_end_users_and_models(redis_client):
     write(log, entry(start_time=T0 + 50, end_user="u0", model="m1"))  # known ones still count as themselves
     bucket = redis_client.hgetall(log.names.usage_bucket("day", T0))
     assert len([f for f in bucket if f.startswith("u|")]) == 3 and len([f for f in bucket if f.startswith("m|")]) == 2
-    users = {s["group"]: s["totals"]["requests"] for s in log.usage_report("end_user", "day", T0, T0)["series"]}
+    users = {s["group"]: s["totals"]["requests"] for s in log.counters.report("end_user", "day", T0, T0)["series"]}
     assert users == {"u0": 2, "u1": 1, "u2": 1, None: 7}
-    models = {s["group"]: s["totals"]["requests"] for s in log.usage_report("model", "day", T0, T0)["series"]}
+    models = {s["group"]: s["totals"]["requests"] for s in log.counters.report("model", "day", T0, T0)["series"]}
     assert models == {"m0": 1, "m1": 2, None: 8}
 
 
 def test_a_report_lists_the_top_groups_and_sums_the_rest(redis_client):
     log = spend_log(redis_client)
     write(log, *[entry(start_time=T0, end_user=f"v{i}", spend=float(i)) for i in range(5)])
-    series = log.usage_report("end_user", "day", T0, T0, limit=2)["series"]
+    series = log.counters.report("end_user", "day", T0, T0, limit=2)["series"]
     assert [(s["group"], s["other"], s["spend"]) for s in series] == [
         ("v4", False, [4.0]), ("v3", False, [3.0]), (None, True, [3.0])]
     assert series[-1]["requests"] == [3]
@@ -241,5 +241,5 @@ def test_a_report_lists_the_top_groups_and_sums_the_rest(redis_client):
 
 def test_a_report_range_is_bounded():
     with pytest.raises(GatewayError) as bad:
-        SpendLog(None, RedisNames("x:"), 10).usage_report("key", "hour", 0, 3600 * 5000)
+        SpendLog(None, RedisNames("x:"), 10).counters.report("key", "hour", 0, 3600 * 5000)
     assert bad.value.status == 400
