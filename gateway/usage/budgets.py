@@ -93,11 +93,11 @@ if reserved < 0 or redis.call('ZCARD', holds) == 0 then reserved = 0 end  -- no 
 redis.call('HSET', spend, 'reserved', num(reserved))
 local max_budget, estimate = tonumber(ARGV[2]), tonumber(ARGV[3])
 local bounded = ARGV[8] == '1'
-if spent >= max_budget or (bounded and spent + estimate > max_budget) then
+if spent >= max_budget - 1e-9 or (bounded and spent + estimate > max_budget + 1e-9) then
   return {0, num(spent), num(reserved), ''}
 end
 local room = max_budget - spent - reserved
-if room <= 0 or (bounded and estimate > room) then
+if room <= 1e-9 or (bounded and estimate > room + 1e-9) then  -- float noise is not room
   return {2, num(spent), num(reserved), ''}
 end
 local take = math.min(estimate, room)  -- no bound given: what remains, up to the default

@@ -277,3 +277,14 @@ def test_an_ended_request_holds_its_real_cost_until_it_is_settled(budgets, accou
     assert accounting.flush()
     assert float(spend_hash(budgets)["budget_spend"]) == pytest.approx(0.005)
     assert float(spend_hash(budgets)["reserved"]) == pytest.approx(4 * 0.022)
+
+
+def test_float_noise_is_not_room_left(budgets):
+    """0.5 - 0.494 - 0.006 is 5.6e-17 in floating point: no request may be admitted into that."""
+    names, key = budgets.names, {"max_budget": 0.5, "created_epoch": 0}
+    budgets.redis.hset(names.key_spend(TOKEN), mapping={"budget_period": "all", "budget_spend": "0.494",
+                                                        "reserved": "0.006"})
+    budgets.redis.zadd(names.budget_holds(TOKEN), {"0.006|in-flight": time.time() + 60})
+    with pytest.raises(GatewayError) as held:
+        budgets.reserve(TOKEN, key, "all", {"model": "m", "prompt": "abcdefgh"}, "noise")
+    assert held.value.status == 429
