@@ -1,32 +1,8 @@
 """gateway.usage.accounting: batches kept through a Redis outage and not retried forever on a bug
 (the spend log's own tests are in test_spendlog.py)."""
-import time
-
-import pytest
 import redis
 
-from gateway.core.redisnames import RedisNames
-from gateway.usage.accounting import Accounting
-
-TOKEN_A, TOKEN_B = "a" * 64, "b" * 64
-DAY = 86400
-
-
-def entry(**overrides):
-    now = time.time()
-    base = {"request_id": "req-1", "token": TOKEN_A, "key_alias": None, "caller": f"key:{TOKEN_A[:12]}",
-            "end_user": None, "model": "fake-model", "route": "/v1/chat/completions", "method": "POST",
-            "status": 200, "upstream_status": 200, "prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8,
-            "spend": 0.013, "start_time": now - 0.25, "end_time": now, "ttfb_ms": 10.5, "duration_ms": 250.0,
-            "stream": False, "estimated": False, "error": None}
-    base.update(overrides)
-    return base
-
-
-@pytest.fixture
-def accounting(redis_client):
-    return Accounting(redis_client, RedisNames(redis_client.test_prefix), {}, 1000, background=False,
-                      end_user_ttl=30 * DAY)
+from tests.unit.usage.conftest import entry
 
 
 def test_an_outage_reply_keeps_the_batch_and_a_bug_drops_it(accounting, monkeypatch):

@@ -7,28 +7,9 @@ import pytest
 
 from gateway.core.errors import GatewayError
 from gateway.core.redisnames import RedisNames
-from gateway.usage.accounting import Accounting
 from gateway.usage.spendlog import ENTRY_MAX_BYTES, LogLimits, SpendLog, stored_entry
 
-TOKEN_A, TOKEN_B = "a" * 64, "b" * 64
-DAY = 86400
-
-
-def entry(**overrides):
-    now = time.time()
-    base = {"request_id": "req-1", "token": TOKEN_A, "key_alias": None, "caller": f"key:{TOKEN_A[:12]}",
-            "end_user": None, "model": "fake-model", "route": "/v1/chat/completions", "method": "POST",
-            "status": 200, "upstream_status": 200, "prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8,
-            "spend": 0.013, "start_time": now - 0.25, "end_time": now, "ttfb_ms": 10.5, "duration_ms": 250.0,
-            "stream": False, "estimated": False, "error": None}
-    base.update(overrides)
-    return base
-
-
-@pytest.fixture
-def accounting(redis_client):
-    return Accounting(redis_client, RedisNames(redis_client.test_prefix), {}, 1000, background=False,
-                      end_user_ttl=30 * DAY)
+from tests.unit.usage.conftest import DAY, TOKEN_A, TOKEN_B, entry
 
 
 def spend_log(redis_client, **limits) -> SpendLog:
