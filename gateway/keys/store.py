@@ -98,7 +98,7 @@ class KeyStore:
         Redis: this version cannot see them until `python -m gateway.keys.migrate` has run."""
         try:
             return bool(self.redis.exists(self.names.prefix + "keys"))
-        except REDIS_ERRORS:
+        except (redis.exceptions.RedisError, *REDIS_ERRORS):  # a start-up hint only: never fatal
             return False
 
     def get(self, token: str) -> dict | None:

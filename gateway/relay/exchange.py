@@ -99,6 +99,16 @@ class Exchange:
                 self.capture_id = False
                 self.passthrough.replicas.remember(response_id, self.replica)
 
+    def hold_real_cost(self) -> None:
+        """A whole answer is in hand: its budget reservation becomes its real cost before the
+        caller has it, so the caller's next request never finds this one's estimate still held."""
+        if self.hold is None or self.tap is None:
+            return
+        usage = self.tap.result(self.fields)
+        cost = self.passthrough.accounting.cost(clean_label(usage.model), usage.prompt_tokens,
+                                                usage.completion_tokens)
+        self.passthrough.budgets.adjust_now(self.hold, cost)
+
     def close(self) -> None:
         """The caller's response closed (finished, or the caller left): account for it."""
         if self.record.stream:
@@ -272,6 +282,7 @@ class Passthrough:
             record.bytes_out = len(small)
             exchange.on_chunk(small)
             resp.close()
+            exchange.hold_real_cost()
             return Relayed(status_line, headers, [small], exchange.close)
         record.stream = True
         self.metrics.streams_open.inc()

@@ -77,3 +77,22 @@ def test_three_instances_of_two_workers_racing_one_key_stay_within_its_budget(vl
     assert len({port for port, _ in workers}) == 3 and len(workers) >= 4, workers
     # No reservation is left behind once everything settled.
     assert float(redis_client.hget(prefix + "spend:{" + created["token"] + "}", "reserved")) == 0
+
+
+def test_one_client_back_to_back_never_meets_its_own_reservation(vllm, start_gateway, real_redis_prefix):
+    """Each unbounded request here reserves all that remains (the default bound costs more than
+    the budget): the next one, sent the moment the answer arrives, on another instance, must
+    still find the room its predecessor did not use — never a 429 — until the 400."""
+    redis_client, prefix = real_redis_prefix
+    env = gateway_environ(vllm.url, REDIS_URL=REAL_REDIS_URL, REDIS_KEY_PREFIX=prefix, MODEL_PRICES=TEST_PRICES)
+    gateways = [start_gateway(env, workers=2), start_gateway(env, workers=2)]
+    created = requests.post(gateways[0].url + "/key/generate", headers=MASTER, json={"max_budget": 0.2}).json()
+    auth = {"Authorization": f"Bearer {created['key']}"}
+    statuses = []
+    with requests.Session() as session:
+        for i in range(40):
+            resp = session.post(gateways[i % 2].url + "/vllm/v1/chat/completions", json=CHAT, headers=auth)
+            statuses.append(resp.status_code)
+            if resp.status_code != 200:
+                break
+    assert statuses == [200] * 16 + [400], statuses  # 15 × 0.013 = 0.195 < 0.2: the 16th takes the rest

@@ -124,14 +124,14 @@ def test_a_failed_request_settles_at_zero_and_frees_its_reservation(budgets, acc
 
 def test_a_crashed_workers_reservation_runs_out_after_its_lease(redis_client):
     names = RedisNames(redis_client.test_prefix)
-    crashed = Budgets(redis_client, names, PRICES, lease_seconds=0.2)
+    crashed = Budgets(redis_client, names, PRICES, lease_seconds=1.0)  # longer than admission waits on held room
     for i in range(4):
         crashed.reserve(TOKEN, KEY, "all", BOUNDED, f"r{i}")
     crashed.leases.held.clear()  # the worker is gone: nothing renews its leases
     alive = Budgets(redis_client, names, PRICES, lease_seconds=120)
     with pytest.raises(GatewayError):
         alive.reserve(TOKEN, KEY, "all", BOUNDED, "now")
-    time.sleep(0.25)  # the lease's own length: the thing under test is that it runs out
+    time.sleep(1.05)  # the lease's own length: the thing under test is that it runs out
     assert alive.reserve(TOKEN, KEY, "all", BOUNDED, "later") is not None
     assert float(redis_client.hget(names.key_spend(TOKEN), "reserved")) == pytest.approx(0.022)
     assert redis_client.zcard(names.budget_holds(TOKEN)) == 1
