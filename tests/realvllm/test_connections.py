@@ -12,6 +12,9 @@ from tests.realvllm.conftest import MODEL, rid
 
 # Long enough that vLLM, left alone, would still be generating well after the 1 s allowed.
 MAX_TOKENS = 1500
+# A stream the engine cannot finish before the test hangs up: the tiny model makes ~1,000-3,000
+# tokens/s here, so this takes seconds (the context is 4,096; the prompt a few tokens).
+LONG_STREAM_TOKENS = 4000
 
 
 def open_stream(port: int, body: dict, request_id: str) -> socket.socket:
@@ -25,7 +28,7 @@ def open_stream(port: int, body: dict, request_id: str) -> socket.socket:
 
 def test_client_disconnect_mid_stream_stops_vllm(real_gateway, real_vllm):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "go on"}], "stream": True,
-            "max_tokens": MAX_TOKENS, "ignore_eos": True}
+            "max_tokens": LONG_STREAM_TOKENS, "ignore_eos": True}
     request_id = rid()
     s = open_stream(real_gateway.port, body, request_id)
     received = b""
@@ -38,7 +41,7 @@ def test_client_disconnect_mid_stream_stops_vllm(real_gateway, real_vllm):
     s.close()
     # vLLM logs "aborted" only for a request it did not finish, so the line itself proves the
     # abort; the deadline is generous because the full suite loads this 2-core machine (alone,
-    # it comes within 25-160 ms; a run to max_tokens would take ~1.6 s and log no abort).
+    # it comes within 25-160 ms; a run to max_tokens would log no abort).
     real_vllm.wait_aborted(request_id, timeout=5.0)
     assert wait_until(lambda: real_vllm.metric("vllm:num_requests_running") == 0, timeout=5.0)
 
