@@ -36,8 +36,8 @@ def test_client_disconnect_mid_stream_stops_vllm(real_gateway, real_vllm):
         data = s.recv(65536)
         assert data, f"the gateway closed the stream early: {received[-500:]!r}\n{real_vllm.out.text()[-3000:]}"
         received += data
-    # vLLM's gauges follow the engine's steps a moment late: wait for it to show the request.
-    assert wait_until(lambda: real_vllm.metric("vllm:num_requests_running") == 1, timeout=1.0)
+    # (vLLM's running gauge is not a precondition here: it lags the engine by up to its stats
+    # interval. The "aborted" line below is the proof that the request was still running.)
     s.close()
     # vLLM logs "aborted" only for a request it did not finish, so the line itself proves the
     # abort; the deadline is generous because the full suite loads this 2-core machine (alone,
