@@ -310,3 +310,24 @@ def test_a_cluster_with_no_node_answering_is_an_outage_not_a_bug(own_cluster):
     own_cluster.wait_healthy()
     assert booting.set("k{1}", "v") and running.get("k{1}") == "v"
     assert check_health(booting)[0] is True
+
+
+def test_revocations_reach_every_worker_after_the_channels_primary_failed_over(vllm, start_gateway, own_cluster):
+    """Key changes travel on a sharded channel that lives on one primary. When it dies, each
+    worker's listener must subscribe again on the promoted replica: with a 30 s key cache, only
+    that (or the cache being cleared when it does) stops a blocked key within seconds."""
+    gw = start_gateway(gateway_environ(vllm.url, KEY_CACHE_TTL=30, REDIS_SOCKET_TIMEOUT=0.5,
+                                       **topology_environ(own_cluster)), workers=2)
+    created, auth = make_key(gw)
+    node = own_cluster.primary_for("vgw:key-changes")
+    own_cluster.kill_primary(node)
+    own_cluster.wait_promoted(node)
+
+    def served(status: int, times: int = 20) -> bool:
+        return all(requests.get(gw.url + "/vllm/v1/models", headers=auth, timeout=10).status_code == status
+                   for _ in range(times))
+
+    assert wait_until(lambda: served(200), timeout=RECOVERY_SECONDS)  # cached again in the workers
+    blocked = requests.post(gw.url + "/key/block", headers=MASTER, json={"key": created["key"]}, timeout=10)
+    assert blocked.status_code == 200
+    assert wait_until(lambda: served(401), timeout=RECOVERY_SECONDS)  # well within the 30 s cache
