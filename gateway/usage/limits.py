@@ -102,7 +102,7 @@ class LeaseRenewer:
     trip while their requests run. A crashed worker renews nothing, so its leases run out after
     `lease` seconds; a request never ending (a bug) stops being renewed after MAX_HOLD_SECONDS."""
 
-    def __init__(self, client, lease_seconds: float, what: str = "parallel slot"):
+    def __init__(self, client, lease_seconds: float, what: str = "lease"):
         self.redis = client
         self.lease = lease_seconds
         self.what = what
@@ -184,6 +184,7 @@ class RateLimiter:
         self.lease = lease_seconds
         self._acquire = ClusterScript(client, _ACQUIRE)
         self._refund = ClusterScript(client, _REFUND)
+        # This worker's one lease renewer: the budget holds (gateway/usage/budgets.py) share it.
         self.leases = LeaseRenewer(client, lease_seconds)
         # Releases and refunds Redis refused: written with the next accounting batch.
         self.deferred: collections.deque = collections.deque(maxlen=DEFERRED_MAX)
@@ -229,28 +230,29 @@ class RateLimiter:
         slot = Slot(self, token, request_id, par_limit is not None, headers,
                     keys[0] if rpm_limit is not None else None)
         if slot.holds_parallel:
-            self._hold(slot)
+            self.leases.hold(self.names.parallel(token), slot.request_id)
         return slot
 
     # -- giving back ------------------------------------------------------------------------
     def release(self, slot: Slot) -> None:
         """Give the parallel lease back (the request ended); never raises."""
-        if not slot.holds_parallel:
-            return
-        self._unhold(slot)
-        try:
-            self.redis.zrem(self.names.parallel(slot.token), slot.request_id)
-        except REDIS_ERRORS as exc:
-            self._defer(Slot(self, slot.token, slot.request_id, True, {}), exc)
+        self._give_back(slot, rpm=False)
 
     def refund(self, slot: Slot) -> None:
         """Undo the admission of a request refused after it (e.g. by the model check): its rpm
         count goes back (if its window still exists) and its lease is dropped, atomically.
-        Idempotent; never raises (a Redis error queues it with accounting)."""
-        undo = Slot(self, slot.token, slot.request_id, slot.holds_parallel, {}, slot.rpm_name)
+        Never raises."""
+        self._give_back(slot, rpm=True)
+
+    def _give_back(self, slot: Slot, rpm: bool) -> None:
+        """Return the slot's lease (and, for a refund, its rpm count) once: the slot forgets what
+        it gave back, so a second call does nothing. A Redis error queues it with accounting."""
+        undo = Slot(self, slot.token, slot.request_id, slot.holds_parallel, {}, slot.rpm_name if rpm else None)
         if slot.holds_parallel:
-            self._unhold(slot)
-        slot.holds_parallel, slot.rpm_name = False, None
+            self.leases.drop(slot.request_id)
+        slot.holds_parallel = False
+        if rpm:
+            slot.rpm_name = None
         if not undo.holds_parallel and undo.rpm_name is None:
             return
         try:
@@ -288,13 +290,6 @@ class RateLimiter:
 
     def put_back(self, taken: list) -> None:
         self.deferred.extendleft(reversed(taken))
-
-    # -- keeping leases alive ---------------------------------------------------------------
-    def _hold(self, slot: Slot) -> None:
-        self.leases.hold(self.names.parallel(slot.token), slot.request_id)
-
-    def _unhold(self, slot: Slot) -> None:
-        self.leases.drop(slot.request_id)
 
     def charge_tokens_into(self, pipe, token: str, tokens: int, at: float) -> None:
         """Charge tokens to the window the request ended in (queued on an accounting pipeline)."""
