@@ -80,7 +80,7 @@ def build_services(settings: Settings, redis_client, session=None) -> Services:
     authenticator = Authenticator(settings.master_key, keystore)
     limiter = RateLimiter(redis_client, names, settings.parallel_lease_seconds)
     budgets = Budgets(redis_client, names, settings.prices, settings.parallel_lease_seconds,
-                      settings.budget_default_max_tokens)
+                      settings.budget_default_max_tokens, leases=limiter.leases)
     log_limits = LogLimits(key_entries=settings.spend_log_key_max, end_user_entries=settings.spend_log_end_user_max)
     accounting = Accounting(redis_client, names, settings.prices, settings.spend_log_max, limiter,
                             end_user_ttl=settings.end_user_stats_ttl, budgets=budgets, log_limits=log_limits)

@@ -67,3 +67,10 @@ def test_a_key_without_max_budget_reserves_nothing(kclient):
     assert kclient.post("/vllm/v1/chat/completions", headers=auth, json=BOUNDED).status_code == 200
     services = kclient.application.extensions["gateway"]
     assert "reserved" not in services.redis.hgetall(services.accounting.names.key_spend(created["token"]))
+
+
+def test_a_workers_slots_and_budget_holds_share_one_lease_renewer(kclient):
+    """One greenlet and one round trip renew a request's parallel slot and budget hold together."""
+    services = kclient.application.extensions["gateway"]
+    assert services.budgets.leases is services.limiter.leases
+    assert services.accounting.budgets is services.budgets is services.passthrough.budgets

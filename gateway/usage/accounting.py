@@ -99,8 +99,10 @@ class Accounting:
         self.limiter = limiter
         if limiter is not None:
             limiter.on_deferred = self._wake_up
-        lease = limiter.leases.lease if limiter is not None else 120.0
-        self.budgets = budgets if budgets is not None else Budgets(client, names, prices, lease)
+        if budgets is None:
+            lease, leases = (limiter.leases.lease, limiter.leases) if limiter is not None else (120.0, None)
+            budgets = Budgets(client, names, prices, lease, leases=leases)
+        self.budgets = budgets
         # (entry, key, budget hold, already in `unsettled`): a batch Redis refused comes back
         # here marked, so its charge is retried from `unsettled` (same sequence numbers) only.
         self.pending: collections.deque = collections.deque(maxlen=PENDING_MAX)

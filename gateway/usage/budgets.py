@@ -224,13 +224,16 @@ def budget_exceeded(spent: float, max_budget: float, reserved: float = 0.0, esti
 class Budgets:
     """Reservations at admission and the settle script the accounting flush runs; one per worker."""
 
-    def __init__(self, client, names, prices: dict, lease_seconds: float, default_max_tokens: int = 0):
+    def __init__(self, client, names, prices: dict, lease_seconds: float, default_max_tokens: int = 0,
+                 leases: LeaseRenewer | None = None):
         self.redis = client
         self.names = names
         self.prices = prices
         self.lease = lease_seconds
         self.default_max_tokens = default_max_tokens
-        self.leases = LeaseRenewer(client, lease_seconds, what="budget reservation")
+        # The worker's lease renewer (the rate limiter's, when given): one greenlet and one round
+        # trip renew a request's parallel slot and its budget hold together.
+        self.leases = leases or LeaseRenewer(client, lease_seconds)
         self._reserve = ClusterScript(client, _RESERVE)
         self._settle = ClusterScript(client, _SETTLE)
         self._adjust = ClusterScript(client, _ADJUST)
