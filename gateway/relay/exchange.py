@@ -74,11 +74,12 @@ class Exchange:
     """One /vllm request from admission to accounting."""
 
     __slots__ = ("passthrough", "record", "identity", "path", "fields", "end_user", "slot", "hold", "tap",
-                 "replica", "capture_id", "finished")
+                 "replica", "capture_id", "finished", "_used")
 
     def __init__(self, passthrough, record, identity, path):
         self.passthrough = passthrough
         self.finished = False
+        self._used = None  # (usage, cost), once the answer is complete
         self.record = record
         self.identity = identity
         self.path = path
@@ -102,12 +103,21 @@ class Exchange:
     def hold_real_cost(self) -> None:
         """A whole answer is in hand: its budget reservation becomes its real cost before the
         caller has it, so the caller's next request never finds this one's estimate still held."""
-        if self.hold is None or self.tap is None:
-            return
-        usage = self.tap.result(self.fields)
-        cost = self.passthrough.accounting.cost(clean_label(usage.model), usage.prompt_tokens,
-                                                usage.completion_tokens)
-        self.passthrough.budgets.adjust_now(self.hold, cost)
+        if self.hold is not None and self.tap is not None:
+            self.passthrough.budgets.adjust_now(self.hold, self.used()[1])
+
+    def used(self) -> tuple:
+        """(usage, cost) of the request, worked out once, when its answer is complete."""
+        if self._used is None:
+            if self.tap is not None:
+                usage = self.tap.result(self.fields)
+            else:
+                usage = Usage(self.fields.get("model") if self.fields else None)
+            # The model name comes from the caller or vLLM: make it safe once for logs, Redis and labels.
+            usage.model = clean_label(usage.model)
+            cost = self.passthrough.accounting.cost(usage.model, usage.prompt_tokens, usage.completion_tokens)
+            self._used = (usage, cost)
+        return self._used
 
     def close(self) -> None:
         """The caller's response closed (finished, or the caller left): account for it."""
@@ -123,14 +133,8 @@ class Exchange:
         record = self.record
         if self.replica is not None:
             self.passthrough.replicas.release(self.replica)
-        if self.tap is not None:
-            usage = self.tap.result(self.fields)
-        else:
-            usage = Usage(self.fields.get("model") if self.fields else None)
-        # The model name comes from the caller or vLLM: make it safe once for logs, Redis and labels.
-        usage.model = clean_label(usage.model)
+        usage, spend = self.used()
         accounting = self.passthrough.accounting
-        spend = accounting.cost(usage.model, usage.prompt_tokens, usage.completion_tokens)
         key = self.identity.key
         entry = {
             "request_id": record.request_id,
