@@ -144,3 +144,22 @@ def test_every_affected_token_is_evicted_and_published(redis_client):
     assert published == {old["token"], new["token"]}
     with pytest.raises(Exception, match="blocked"):
         store.authenticate(old["key"])
+
+
+def test_a_concurrent_update_within_the_same_second_is_not_lost(redis_client):
+    """Another admin's update landing between this update's read and its write makes this one
+    start again, even within one second (records carry updated_at to the second only)."""
+    store = KeyStore(redis_client, RedisNames(redis_client.test_prefix), cache=False)
+    created = store.generate({"key_alias": "race"}, caller="master")
+    index, raced = store._index, []
+
+    def index_then_race(record, before=None):
+        index(record, before)
+        if not raced:
+            raced.append(True)
+            store.update(store.find(key=created["key"]), {"rpm_limit": 7}, caller="other-admin")
+
+    store._index = index_then_race
+    store.update(store.find(key=created["key"]), {"tpm_limit": 9}, caller="master")
+    final = store.find(key=created["key"])
+    assert raced and (final["rpm_limit"], final["tpm_limit"]) == (7, 9)

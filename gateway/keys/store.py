@@ -298,7 +298,7 @@ class KeyStore:
         def apply(pipe):
             raw = pipe.get(self.record_key(token))
             current = json.loads(raw) if raw else None
-            if expected is not None and (current or {}).get("updated_at") != expected.get("updated_at"):
+            if expected is not None and _settings(current) != _settings(expected):
                 raise _Retry()
             new, result = build(current)
             pipe.multi()
@@ -513,6 +513,12 @@ class KeyStore:
         fresh, old_tokens = self._retrying(swap)
         self._changed(*old_tokens)
         return {**fresh, "key": key}
+
+
+def _settings(record: dict | None) -> dict:
+    """A record as admin writes compare it: all of it but the pruned list of live copies.
+    (`updated_at` alone has one-second resolution: two updates within a second looked alike.)"""
+    return {k: v for k, v in (record or {}).items() if k != "previous_tokens"}
 
 
 class _Retry(Exception):
