@@ -70,19 +70,22 @@ def current_budget_spend(key: dict, budget: tuple, now: float) -> float:
 class Charge:
     """What a batch adds to one key in one budget period, and the reservations it settles."""
 
-    __slots__ = ("token", "period", "sequence", "requests", "prompt_tokens", "completion_tokens", "spend", "holds")
+    __slots__ = ("token", "period", "sequence", "requests", "prompt_tokens", "completion_tokens", "spend", "holds",
+                 "last_used")
 
     def __init__(self, token: str, period: str, sequence: int):
         self.token, self.period, self.sequence = token, period, sequence
         self.requests = self.prompt_tokens = self.completion_tokens = 0
         self.spend = 0.0
         self.holds: list[str] = []
+        self.last_used = 0.0  # when the batch's latest request ended (epoch seconds)
 
     def add(self, entry: dict, hold) -> None:
         self.requests += 1
         self.prompt_tokens += entry["prompt_tokens"]
         self.completion_tokens += entry["completion_tokens"]
         self.spend += entry["spend"]
+        self.last_used = max(self.last_used, entry.get("end_time") or 0.0)
         if hold is not None:
             # Its name as adjusted to the real cost too: a reply lost after the adjustment left
             # the Hold with the old name (ZREM of a name that is not there does nothing).
@@ -207,6 +210,7 @@ class Accounting:
                 moved = Charge(successor, charge.period, self.budgets.next_sequence())
                 moved.requests, moved.spend = charge.requests, charge.spend
                 moved.prompt_tokens, moved.completion_tokens = charge.prompt_tokens, charge.completion_tokens
+                moved.last_used = charge.last_used
                 self.unsettled.append(moved)
         if self.unsettled:
             self._wake_up()
@@ -242,5 +246,6 @@ class Accounting:
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "budget_reset_at": budget_reset_at(key, now),
+            "last_used_at": iso(float(raw["last_used"])) if raw.get("last_used") else None,
         }
 

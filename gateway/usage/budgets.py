@@ -125,7 +125,8 @@ return 1
 """
 
 # KEYS: spend, holds, settled. ARGV: worker, sequence, period, requests, prompt tokens,
-# completion tokens, cost, settled ttl, then the members of the reservations to drop.
+# completion tokens, cost, settled ttl, last use (epoch), then the reservations to drop.
+# `last_used` only moves forward: batches from several workers arrive in any order.
 _SETTLE = _LUA_HELPERS + """
 local spend, holds, settled = KEYS[1], KEYS[2], KEYS[3]
 local seq = tonumber(ARGV[2])
@@ -134,7 +135,7 @@ redis.call('HSET', settled, ARGV[1], seq)
 redis.call('EXPIRE', settled, ARGV[8])
 local moved = redis.call('HGET', spend, 'moved_to')
 if moved then  -- the key was regenerated: its reservations end here, its charge goes to the new key
-  if #ARGV > 8 then redis.call('ZREM', holds, unpack(ARGV, 9)) end
+  if #ARGV > 9 then redis.call('ZREM', holds, unpack(ARGV, 10)) end
   return moved
 end
 redis.call('HINCRBY', spend, 'requests', ARGV[4])
@@ -147,9 +148,12 @@ if stored == ARGV[3] then
 elseif newer(ARGV[3], stored) then
   redis.call('HSET', spend, 'budget_period', ARGV[3], 'budget_spend', ARGV[7])
 end  -- else the request's period is over: all-time spend only
-if #ARGV > 8 then
+if tonumber(ARGV[9]) > tonumber(redis.call('HGET', spend, 'last_used') or '0') then
+  redis.call('HSET', spend, 'last_used', ARGV[9])
+end
+if #ARGV > 9 then
   local freed = 0
-  for i = 9, #ARGV do
+  for i = 10, #ARGV do
     if redis.call('ZREM', holds, ARGV[i]) == 1 then freed = freed + amount(ARGV[i]) end
   end
   local reserved = tonumber(redis.call('HGET', spend, 'reserved') or '0') - freed
@@ -308,7 +312,7 @@ class Budgets:
         token = charge.token
         keys = [self.names.key_spend(token), self.names.budget_holds(token), self.names.budget_settled(token)]
         args = [self.worker, charge.sequence, charge.period, charge.requests, charge.prompt_tokens,
-                charge.completion_tokens, repr(charge.spend), SETTLED_TTL, *charge.holds]
+                charge.completion_tokens, repr(charge.spend), SETTLED_TTL, repr(charge.last_used), *charge.holds]
         return keys, args
 
     def queue_settle(self, pipe, charge) -> None:

@@ -27,6 +27,7 @@ import time
 
 from gateway.core.errors import GatewayError
 from gateway.core.redisconn import REDIS_ERRORS, incidents, unavailable
+from gateway.core.timefmt import iso
 
 log = logging.getLogger("gateway")
 
@@ -232,6 +233,32 @@ class RateLimiter:
         if slot.holds_parallel:
             self.leases.hold(self.names.parallel(token), slot.request_id)
         return slot
+
+    def remaining(self, token: str, key: dict, now: float | None = None) -> dict:
+        """What the key's limits leave this minute, for the key's holder (GET /key/info): per
+        limit the key has, its size, what is used and what remains; None for a limit it lacks."""
+        now = time.time() if now is None else now
+        window = int(now // 60)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(self.names.rpm(token, window))
+        pipe.get(self.names.tpm(token, window))
+        pipe.zcount(self.names.parallel(token), f"({now}", "+inf")  # unexpired leases
+        rpm, tpm, parallel = pipe.execute()
+        resets_at = iso((window + 1) * 60)
+
+        def minute(limit, used):
+            if limit is None:
+                return None
+            used = int(used or 0)
+            return {"limit": limit, "used": used, "remaining": max(limit - used, 0), "resets_at": resets_at}
+
+        par_limit = key.get("max_parallel_requests")
+        return {
+            "rpm": minute(key.get("rpm_limit"), rpm),
+            "tpm": minute(key.get("tpm_limit"), tpm),
+            "parallel": None if par_limit is None else {
+                "limit": par_limit, "in_use": int(parallel), "remaining": max(par_limit - int(parallel), 0)},
+        }
 
     # -- giving back ------------------------------------------------------------------------
     def release(self, slot: Slot) -> None:
