@@ -21,6 +21,8 @@ class RedisNames:
         # Key indexes (gateway/keys/index.py): sorted sets of tokens.
         self.keys_by_created = prefix + "keys:created"  # token -> created epoch (the listing order)
         self.keys_by_expiry = prefix + "keys:expiry"  # token -> expiry epoch (+inf: never), for pruning
+        self.keys_by_alias = prefix + "keys:alias"  # "<alias, lower case>\0<token>", for search by prefix
+        self.keys_by_alias_built = prefix + "keys:alias:built"  # set once keys made before it are in it
 
     # -- one virtual key: one hash slot ----------------------------------------------------
     def record(self, token: str) -> str:

@@ -13,6 +13,8 @@ Indexes (sorted sets of tokens):
   keys:created        created epoch: the listing order, newest first, paged with ZREVRANGE
   keys:expiry         expiry epoch (+inf: never): expired keys are pruned from every index
   keys:user:<id>      created epoch, for ?user_id= (likewise keys:team:<id> for ?team_id=)
+  keys:alias          "<alias in lower case>\0<token>", all scored 0: search by alias prefix
+                      (ZRANGEBYLEX), in alphabetical order
   alias:<alias>       the token owning the alias, expiring with the key (a string, not a set)
 """
 from __future__ import annotations
@@ -32,6 +34,12 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 """
 PRUNE_BATCH = 1000
+_LAST_CHAR = "\U0010ffff"  # sorts after every character: the end of a prefix's lexical range
+
+
+def _alias_entry(record: dict) -> str | None:
+    alias, token = record.get("key_alias"), record["token"]
+    return f"{alias.lower()}\0{token}" if alias else None
 
 
 def _at_ms(expires_at) -> str:
@@ -72,6 +80,8 @@ class KeyIndex:
             pipe.zadd(self.names.keys_by_user(record["user_id"]), {token: created})
         if record.get("team_id"):
             pipe.zadd(self.names.keys_by_team(record["team_id"]), {token: created})
+        if _alias_entry(record):
+            pipe.zadd(self.names.keys_by_alias, {_alias_entry(record): 0})
 
     def remove(self, pipe, record: dict) -> None:
         """Queue: stop listing this key (after its record is gone), or only the
@@ -82,6 +92,9 @@ class KeyIndex:
         self.remove_owners(pipe, record)
 
     def remove_owners(self, pipe, record: dict) -> None:
+        """Queue: drop the record's user, team and alias entries."""
+        if _alias_entry(record):
+            pipe.zrem(self.names.keys_by_alias, _alias_entry(record))
         if record.get("user_id"):
             pipe.zrem(self.names.keys_by_user(record["user_id"]), record["token"])
         if record.get("team_id"):
@@ -104,6 +117,20 @@ class KeyIndex:
         pipe.zrevrange(index, start, stop)
         total, tokens = pipe.execute()
         return total, tokens
+
+    def search_alias(self, prefix: str, start: int, size: int) -> tuple[int, list[tuple[str, str]]]:
+        """(entries whose alias starts with `prefix`, ignoring case; (entry, token) for
+        `size` of them from `start`, in alphabetical order)."""
+        low, high = "[" + prefix.lower(), "[" + prefix.lower() + _LAST_CHAR
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zlexcount(self.names.keys_by_alias, low, high)
+        pipe.zrangebylex(self.names.keys_by_alias, low, high, start=start, num=size)
+        total, entries = pipe.execute()
+        return total, [(entry, entry.rpartition("\0")[2]) for entry in entries]
+
+    def forget_alias_entries(self, entries: list[str]) -> None:
+        if entries:
+            self.redis.zrem(self.names.keys_by_alias, *entries)
 
     def forget(self, index: str, tokens: list[str]) -> None:
         """Entries a reader found without a record (expired, or a write that never finished)."""

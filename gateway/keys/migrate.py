@@ -110,6 +110,7 @@ class Migration:
                 queued += 1
             if queued % 500 == 499:
                 pipe.execute()
+        pipe.set(self.names.keys_by_alias_built, "1")  # every key is in the alias search now
         pipe.execute()
 
     def verify(self) -> bool:

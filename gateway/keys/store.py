@@ -101,6 +101,36 @@ class KeyStore:
         except (redis.exceptions.RedisError, *REDIS_ERRORS):  # a start-up hint only: never fatal
             return False
 
+    def build_alias_search(self, page: int = 1000) -> int:
+        """Put keys made before the alias search index existed into it, once per deployment
+        (the first worker to start does it; a marker tells the others). Returns keys added."""
+        try:
+            if (not self.redis.exists(self.names.keys_by_created)  # no keys: every new one is indexed
+                    or not self.redis.set(self.names.keys_by_alias_built, "building", nx=True, ex=600)):
+                return 0
+            added, start = 0, 0
+            while True:
+                tokens = self.redis.zrange(self.names.keys_by_created, start, start + page - 1)
+                if not tokens:
+                    break
+                pipe = self.redis.pipeline(transaction=False)
+                for record in self._records(tokens).values():
+                    if record is not None and record.get("key_alias"):
+                        self.keys.add(pipe, record)
+                        added += 1
+                pipe.execute()
+                start += page
+            self.redis.set(self.names.keys_by_alias_built, "1")
+            return added
+        except (redis.exceptions.RedisError, *REDIS_ERRORS):  # a start-up step only: never fatal
+            log.warning("could not add existing keys to the alias search index; it is tried again at "
+                        "the next start")
+            try:
+                self.redis.delete(self.names.keys_by_alias_built)
+            except (redis.exceptions.RedisError, *REDIS_ERRORS):
+                pass
+            return 0
+
     def get(self, token: str) -> dict | None:
         try:
             raw = self.redis.get(self.record_key(token))
@@ -180,10 +210,14 @@ class KeyStore:
         except REDIS_ERRORS:  # their cache TTL still bounds staleness; the change itself is saved
             log.warning("key change not published; other workers see it within KEY_CACHE_TTL")
 
-    def list(self, page: int, size: int, key_alias=None, user_id=None, team_id=None, full=False) -> dict:
+    def list(self, page: int, size: int, key_alias=None, user_id=None, team_id=None, full=False,
+             search=None) -> dict:
         """A page of keys, newest first, read through an index: one page of records per call,
-        whatever the number of keys (filters use the alias, user or team index)."""
+        whatever the number of keys (filters use the alias, user or team index; `search`, an
+        alias prefix, lists in alphabetical order)."""
         start = (page - 1) * size
+        if search is not None:
+            return self._search(search, page, size, full)
         try:
             self.keys.prune_expired(time.time())
             if key_alias is not None:
@@ -219,6 +253,37 @@ class KeyStore:
             "current_page": page,
             "total_pages": (total + size - 1) // size,
         }
+
+    def _search(self, prefix: str, page: int, size: int, full: bool) -> dict:
+        """Keys whose alias starts with `prefix` (any case). An entry whose key is gone, or whose
+        alias changed, is dropped as it is met (so a page may come out short once)."""
+        try:
+            total, entries = self.keys.search_alias(prefix, (page - 1) * size, size)
+            records = self._records([token for _, token in entries])
+        except REDIS_ERRORS:
+            raise unavailable() from None
+        now = time.time()
+        chosen, stale = [], []
+        for entry, token in entries:
+            record = records.get(token)
+            if (record is None or (record.get("expires_at") or float("inf")) <= now
+                    or (record.get("key_alias") or "").lower() != entry.rpartition("\0")[0]):
+                stale.append(entry)
+            else:
+                chosen.append(record)
+        try:
+            self.keys.forget_alias_entries(stale)
+        except REDIS_ERRORS:
+            pass
+        return {"keys": chosen if full else [r["token"] for r in chosen], "total_count": total,
+                "current_page": page, "total_pages": (total + size - 1) // size}
+
+    def records(self, tokens: list[str]) -> dict[str, dict | None]:
+        """The records of `tokens` (None for a key that is gone), in one round trip."""
+        try:
+            return self._records(tokens)
+        except REDIS_ERRORS:
+            raise unavailable() from None
 
     def _records(self, tokens: list[str]) -> dict[str, dict | None]:
         if not tokens:
@@ -260,10 +325,10 @@ class KeyStore:
             pipe.delete(self.gone_key(token))
 
     def _index(self, record: dict, before: dict | None = None) -> None:
-        """List `record` (and unlist the user/team it no longer has)."""
+        """List `record` (and unlist the user, team or alias it no longer has)."""
         pipe = self.redis.pipeline(transaction=False)
-        if before is not None and (before.get("user_id"), before.get("team_id")) != (
-                record.get("user_id"), record.get("team_id")):
+        owners = ("user_id", "team_id", "key_alias")
+        if before is not None and [before.get(f) for f in owners] != [record.get(f) for f in owners]:
             self.keys.remove_owners(pipe, before)
         self.keys.add(pipe, record)
         pipe.execute()
