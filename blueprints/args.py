@@ -8,6 +8,7 @@ everything looks exactly like a match).
 from __future__ import annotations
 
 import re
+import time
 from datetime import datetime, timezone
 
 from flask import request
@@ -74,4 +75,16 @@ def time_range(start_name: str = "start_date", end_name: str = "end_date") -> tu
     start, end = time_arg(start_name), time_arg(end_name)
     if start is not None and end is not None and start > end:
         raise GatewayError(400, f"{start_name}: must not be after {end_name}", param=start_name)
+    return start, end
+
+
+def report_window(interval: str) -> tuple[float, float]:
+    """start_date/end_date of a usage report; by default up to now, 24 hourly or 30 daily buckets
+    (the last one partial)."""
+    start, end = time_range()
+    end = time.time() if end is None else end
+    if start is None:
+        start = end - (29 * 86400 if interval == "day" else 23 * 3600)
+    if start > end:
+        raise GatewayError(400, "start_date: must not be after end_date", param="start_date")
     return start, end

@@ -1,26 +1,54 @@
-"""Admin API for virtual keys, in LiteLLM's names and shapes (master key only)."""
+"""Admin API for virtual keys, in LiteLLM's names and shapes (master key only), and the two
+routes a key's holder may call about that key alone: GET /key/info and GET /key/usage."""
 from __future__ import annotations
 
 import json
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, g, jsonify, request
 
 from blueprints import services
-from blueprints.args import bool_arg, int_arg, only_args
+from blueprints.args import bool_arg, choice_arg, int_arg, only_args, report_window
 from blueprints.audit import admin_caller, master_only
 
 from gateway.core.durations import parse_duration
 from gateway.core.errors import GatewayError
 from gateway.core.redisconn import REDIS_ERRORS, unavailable
 from gateway.core.timefmt import iso
+from gateway.keys.auth import Identity, credential_from, hash_key
 from gateway.keys.fields import KEY_FIELDS, encodable, reject_unknown, require_object, validate_fields
+from gateway.keys.store import KeyStore
+from gateway.usage.usagecounters import INTERVALS
 
 bp = Blueprint("keys", __name__, url_prefix="/key")
 
 UPDATABLE = set(KEY_FIELDS) - {"key"}
+# Routes a virtual key may call too, about itself only (LiteLLM lets a key read its own /key/info).
+SELF_SERVICE = {"keys.info", "keys.usage"}
 
 
-bp.before_request(master_only)
+@bp.before_request
+def master_or_holder():
+    """The master key on every route; on SELF_SERVICE routes a virtual key as well."""
+    if request.endpoint not in SELF_SERVICE:
+        master_only()
+        return
+    identity = services().auth.authenticate(request.environ)
+    g.identity = identity
+    record = g.get("record")
+    if record is not None:
+        record.caller = identity.label
+
+
+def own_record(identity: Identity, key: str | None) -> dict:
+    """The calling key's current record; 403 when `key` names another key. A regenerated key's
+    old copy (in its grace period) reads the key it now belongs to."""
+    token = identity.token  # the head's token, also for an old copy
+    if key is not None and KeyStore.token_of(key) not in (token, hash_key(credential_from(request.environ))):
+        raise GatewayError(403, "A virtual key may read only its own information", "permission_error")
+    record = store().get(token)
+    if record is None:  # deleted since it authenticated (the cache lags by up to a few seconds)
+        raise GatewayError(401, "Invalid API key", "auth_error", kind="invalid_key")
+    return record
 
 
 def store():
@@ -75,24 +103,61 @@ def generate():
 
 @bp.get("/info")
 def info():
+    """The master key: any key's record by ?key= (no key: just the role). A virtual key: its own
+    record, with what its rate limits leave this minute."""
     only_args("key")
-    key = request.args.get("key")
-    if not key:
-        raise GatewayError(400, "key: pass ?key=<key or token>", param="key")
-    record = store().find(key=key)
-    return jsonify({"key": record["token"], "info": public(record)})
+    key = request.args.get("key") or None
+    identity: Identity = g.identity
+    if identity.is_master:
+        if key is None:
+            return jsonify({"role": "master", "key": None, "info": None})
+        record = store().find(key=key)
+        return jsonify({"role": "master", "key": record["token"], "info": public(record)})
+    record = own_record(identity, key)
+    shown = public(record)
+    try:
+        shown["limits"] = services().limiter.remaining(record["token"], record)
+    except REDIS_ERRORS:
+        raise unavailable() from None
+    return jsonify({"role": "key", "key": record["token"], "info": shown})
+
+
+@bp.get("/usage")
+def usage():
+    """A key's requests, tokens and spend per hour or day (interval, start_date, end_date as in
+    /spend/report). A virtual key reads its own; the master key names one with ?key=."""
+    only_args("key", "interval", "start_date", "end_date")
+    key = request.args.get("key") or None
+    identity: Identity = g.identity
+    if identity.is_master:
+        if key is None:
+            raise GatewayError(400, "key: pass ?key=<key or token>", param="key")
+        record = store().find(key=key)
+    else:
+        record = own_record(identity, key)
+    interval = choice_arg("interval", INTERVALS, "day")
+    start, end = report_window(interval)
+    tokens = [record["token"], *record.get("previous_tokens", {})]
+    try:
+        report = services().accounting.log.counters.key_report(tokens, interval, start, end)
+    except REDIS_ERRORS:
+        raise unavailable() from None
+    return jsonify({"key": record["token"], "key_alias": record.get("key_alias"), **report})
 
 
 @bp.get("/list")
 def list_keys():
     """Live keys, newest first; a regenerated key's old copy still in its grace period is listed
     too (its full object says `status: "superseded"`)."""
-    only_args("page", "size", "key_alias", "user_id", "team_id", "return_full_object")
+    only_args("page", "size", "key_alias", "user_id", "team_id", "return_full_object", "search")
     full = bool_arg("return_full_object")
+    search = request.args.get("search") or None
+    if search is not None and (len(search) > 256 or not encodable(search)):
+        raise GatewayError(400, "search: must be valid text of at most 256 characters", param="search")
     result = store().list(
         page=int_arg("page", 1, 1, 10**6), size=int_arg("size", 10, 1, 100),
         key_alias=request.args.get("key_alias"), user_id=request.args.get("user_id"),
-        team_id=request.args.get("team_id"), full=full)
+        team_id=request.args.get("team_id"), full=full, search=search)
     if full:
         result["keys"] = [public(r) for r in result["keys"]]
     return jsonify(result)

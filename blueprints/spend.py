@@ -1,18 +1,16 @@
 """Spend log, usage report and end-user usage (master key only)."""
 from __future__ import annotations
 
-import time
-
 from flask import Blueprint, jsonify, request
 
 from blueprints import services
-from blueprints.args import choice_arg, int_arg, only_args, time_range
+from blueprints.args import choice_arg, int_arg, only_args, report_window, time_range
 from blueprints.audit import master_only
 
 from gateway.core.errors import GatewayError
 from gateway.core.redisconn import REDIS_ERRORS, unavailable
 from gateway.keys.store import KeyStore
-from gateway.usage.usagecounters import GROUPINGS, INTERVALS
+from gateway.usage.usagecounters import GROUPINGS, INTERVALS, MASTER_BUCKET
 
 bp = Blueprint("spend", __name__)
 
@@ -53,17 +51,23 @@ def spend_report():
     only_args("group_by", "interval", "start_date", "end_date", "limit")
     group_by = choice_arg("group_by", GROUPINGS, "key")
     interval = choice_arg("interval", INTERVALS, "day")
-    start, end = time_range()
-    end = time.time() if end is None else end
-    if start is None:
-        start = end - (29 * 86400 if interval == "day" else 23 * 3600)  # 30 days or 24 hours, the last partial
-    if start > end:
-        raise GatewayError(400, "start_date: must not be after end_date", param="start_date")
+    start, end = report_window(interval)
     limit = int_arg("limit", 100, 1, 1000)
     try:
-        return jsonify(_spend_log().counters.report(group_by, interval, start, end, limit))
+        report = _spend_log().counters.report(group_by, interval, start, end, limit)
+        if group_by == "key":
+            _name_keys(report["series"])
     except REDIS_ERRORS:
         raise unavailable() from None
+    return jsonify(report)
+
+
+def _name_keys(series: list[dict]) -> None:
+    """Each key series gets its key's alias (None for the master key, "other" and keys gone)."""
+    records = services().keystore.records([s["group"] for s in series if s["group"] not in (None, MASTER_BUCKET)])
+    for entry in series:
+        record = records.get(entry["group"])
+        entry["key_alias"] = record.get("key_alias") if record else None
 
 
 @bp.get("/end_user/info")

@@ -124,6 +124,26 @@ class UsageCounters:
                 "series": _top_series(per_group, limit, len(starts))}
 
 
+    def key_report(self, tokens: list[str], interval: str, start: float, end: float) -> dict:
+        """One key's requests, tokens and spend per bucket (summed over `tokens`: the key and the
+        copies it was regenerated from), read from the usage counters only."""
+        starts = bucket_starts(interval, start, end)
+        fields = ["k|" + token for token in tokens]
+        pipe = self.redis.pipeline(transaction=False)
+        for bucket in starts:
+            pipe.hmget(self.names.usage_bucket(interval, bucket), fields)
+        counts = [[0] * len(starts) for _ in COUNTS]
+        for position, values in enumerate(pipe.execute() if starts else []):
+            for value in values:
+                if value:
+                    for series, number in zip(counts, value.split(" ")):
+                        series[position] += float(number) if series is counts[3] else int(number)
+        report = _series(None, counts, False)
+        del report["group"], report["other"]
+        return {"interval": interval, "start": iso(starts[0]), "end": iso(starts[-1] + INTERVALS[interval]),
+                "buckets": [iso(s) for s in starts], **report}
+
+
 def bucket_starts(interval: str, start: float, end: float) -> list[int]:
     """The starts (epoch, UTC-aligned) of the buckets from `start` to `end`; 400 if too many."""
     if interval not in INTERVALS:
