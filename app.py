@@ -53,9 +53,12 @@ def create_app(config=None) -> Flask:
         require_keystore(settings)
         redis_client = make_redis(settings)
     app.extensions["gateway"] = build_services(settings, redis_client, session)
-    if app.extensions["gateway"].keystore.has_earlier_layout():
+    keystore = app.extensions["gateway"].keystore
+    if keystore.has_earlier_layout():
         log.warning("Redis holds virtual keys in the layout of an earlier version, which this one cannot "
                     "see: run `python -m gateway.keys.migrate` (see README, Upgrading)")
+    else:
+        keystore.build_alias_search()  # keys made before the search index existed: once per deployment
     _register_blueprints(app)
     _install_request_record(app)
     _install_error_handlers(app)
@@ -92,9 +95,9 @@ def build_services(settings: Settings, redis_client, session=None) -> Services:
 
 
 def _register_blueprints(app: Flask) -> None:
-    from blueprints import audit, health, keys, metrics, passthrough, spend
+    from blueprints import audit, health, keys, metrics, passthrough, replicas, spend
 
-    for blueprint in (passthrough.bp, health.bp, keys.bp, spend.bp, audit.bp, metrics.bp):
+    for blueprint in (passthrough.bp, health.bp, keys.bp, spend.bp, audit.bp, metrics.bp, replicas.bp):
         app.register_blueprint(blueprint)
 
 

@@ -1,0 +1,40 @@
+"""`GET /replicas` (master key): each vLLM replica as the gateway sees it, and as it sees itself.
+
+The gateway's view: up or down (its /health and /v1/models answer), requests this worker has in
+flight there, the cool-off left after a failure and the last error. vLLM's view: requests running
+and waiting and KV-cache use, read from its /metrics at the time of the call.
+"""
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+
+from blueprints import services
+from blueprints.args import only_args
+from blueprints.audit import master_only
+from gateway.relay.vllmload import FIGURES, LoadUnreadable, read_load
+
+bp = Blueprint("replicas", __name__)
+bp.before_request(master_only)
+
+LOAD_TIMEOUT = 1.0  # seconds per read of a replica's /metrics
+
+
+def _vllm_load(upstream) -> dict:
+    try:
+        return {**read_load(upstream, LOAD_TIMEOUT), "error": None}
+    except LoadUnreadable as exc:
+        return {**dict.fromkeys(FIGURES), "error": str(exc)}
+
+
+@bp.get("/replicas")
+def replicas():
+    only_args()
+    replicas = services().replicas
+    shown = []
+    for replica, state in zip(replicas.replicas, replicas.status()):
+        shown.append({
+            "name": state["base"], "status": state["status"], "detail": state["detail"],
+            "inflight": state["inflight"], "cooling_off_s": state["cooling_off_s"],
+            "last_error": state["last_error"], "vllm": _vllm_load(replica.upstream),
+        })
+    return jsonify({"replicas": shown})

@@ -1,0 +1,75 @@
+"""What a vLLM replica says about its own load, read from its Prometheus `/metrics`.
+
+The figures the console's Replicas page shows (and load-aware routing can score on):
+requests running and waiting, KV-cache use (0..1) and preemptions so far. vLLM labels its series
+by `model_name` and, when it runs data-parallel, by `engine`: each figure is summed over every
+series of its name (KV-cache use is averaged, being a share per engine). Older vLLM names the
+KV-cache figure `vllm:gpu_cache_usage_perc`.
+
+The text is parsed with prometheus_client's parser. The body is read up to MAX_METRICS_BYTES: a
+replica (or something answering in its place) cannot make a worker hold an endless body.
+"""
+from __future__ import annotations
+
+import time
+
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+MAX_METRICS_BYTES = 4 * 1024 * 1024
+
+# figure -> the sample names it is read from, first found wins
+_SUMMED = {
+    "requests_running": ("vllm:num_requests_running",),
+    "requests_waiting": ("vllm:num_requests_waiting",),
+    "preemptions_total": ("vllm:num_preemptions_total",),
+}
+_AVERAGED = {"kv_cache_usage": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")}
+FIGURES = (*_SUMMED, *_AVERAGED)
+
+
+class LoadUnreadable(Exception):
+    """The replica's /metrics could not be read or parsed; the message says why (no secrets)."""
+
+
+def parse_load(text: str) -> dict:
+    """The load figures in a Prometheus exposition text; None for a figure it does not carry."""
+    samples: dict[str, list[float]] = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name.startswith("vllm:"):
+                    samples.setdefault(sample.name, []).append(sample.value)
+    except (ValueError, TypeError, IndexError) as exc:
+        raise LoadUnreadable(f"vLLM's /metrics is not Prometheus text ({type(exc).__name__})") from None
+    load = {}
+    for figure, names in _SUMMED.items():
+        found = next((samples[n] for n in names if n in samples), None)
+        load[figure] = sum(found) if found is not None else None
+    for figure, names in _AVERAGED.items():
+        found = next((samples[n] for n in names if n in samples), None)
+        load[figure] = sum(found) / len(found) if found else None
+    return load
+
+
+def read_load(upstream, timeout: float = 1.0) -> dict:
+    """GET the replica's /metrics (with the upstream key, through the worker's session) and parse
+    it; the body must arrive within 3 × `timeout` (a trickling answer is given up)."""
+    headers = {"Authorization": upstream.auth_header} if upstream.auth_header else {}
+    deadline = time.monotonic() + 3 * timeout
+    try:
+        with upstream.session.get(upstream.base + "/metrics", headers=headers, timeout=timeout,
+                                  allow_redirects=False, stream=True) as resp:
+            if resp.status_code != 200:
+                raise LoadUnreadable(f"HTTP {resp.status_code} on /metrics")
+            body = bytearray()
+            # read1: whatever has arrived (up to 64 KiB), so a trickle meets the deadline check
+            for piece in iter(lambda: resp.raw.read1(65536, decode_content=True), b""):
+                body += piece
+                if len(body) > MAX_METRICS_BYTES:
+                    raise LoadUnreadable(f"/metrics is larger than {MAX_METRICS_BYTES // 1048576} MiB")
+                if time.monotonic() > deadline:
+                    raise LoadUnreadable(f"/metrics took longer than {3 * timeout:g} s")
+    except requests.RequestException as exc:
+        raise LoadUnreadable(f"/metrics could not be read ({type(exc).__name__})") from None
+    return parse_load(body.decode("utf-8", "replace"))
