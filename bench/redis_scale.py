@@ -171,6 +171,10 @@ def key_queries(total: int, count: int, rng: random.Random) -> dict[str, list[st
         "/key/list?key_alias=": [f"/key/list?key_alias=k-{rng.randrange(0, total, 10)}" for _ in range(count)],
         "/key/list?user_id=": [f"/key/list?user_id=owner-{rng.randrange(min(OWNERS, total // 7 or 1))}&size=50"
                                for _ in range(count)],
+        # aliases are k-0, k-10, ...: "K-1" matches about a tenth of them, "k-12" a hundredth
+        "/key/list?search= (prefix, full objects)": [
+            f"/key/list?search={rng.choice(['K-1', 'k-12', 'k-3'])}&size=50&return_full_object=true"
+            for _ in range(count)],
     }
 
 
