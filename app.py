@@ -78,6 +78,7 @@ def build_services(settings: Settings, redis_client, session=None) -> Services:
                  for base in settings.upstream_bases]
     replicas = Replicas(upstreams, cooloff=settings.upstream_cooloff, redis=redis_client, names=names,
                         on_error=metrics.upstream_error)
+    metrics.prepare(replicas=[replica.name for replica in replicas.replicas], token=settings.metrics_token)
     audit = AuditLog(redis_client, names)
     keystore = KeyStore(redis_client, names, settings.key_cache_ttl, audit=audit)
     authenticator = Authenticator(settings.master_key, keystore)

@@ -16,6 +16,7 @@ KNOWN_WEAK_KEYS = frozenset({
     "sk-test", "sk-secret", "changeme", "password", "secret", "master-key",
 })
 MIN_MASTER_KEY_LENGTH = 16
+MIN_METRICS_TOKEN_LENGTH = 16
 MAKE_KEY_HINT = (
     "generate one with: python -c \"import secrets; print('sk-' + secrets.token_urlsafe(32))\""
 )
@@ -55,6 +56,9 @@ class Settings:
     upstream_cooloff: float = 10.0
     upstream_max_idle: float = 4.0
     metrics_public: bool = False
+    # METRICS_TOKEN: a read-only credential for GET /metrics (a Prometheus scraper's bearer token);
+    # it opens nothing else. At least 16 characters, not the master key; never echoed or logged.
+    metrics_token: str | None = dataclasses.field(default=None, repr=False)
     upstream_ca_bundle: str | None = None
     key_cache_ttl: float = 0.9
     prices: dict = dataclasses.field(default_factory=dict)
@@ -91,6 +95,8 @@ def _validate(s: Settings) -> None:
             f"{MIN_MASTER_KEY_LENGTH} characters; {MAKE_KEY_HINT} "
             "(for local development only, ALLOW_WEAK_MASTER_KEY=1 accepts it)"
         )
+    if s.metrics_token is not None:
+        check_metrics_token(s.metrics_token, s.master_key)
     if not s.upstream_bases:
         raise ConfigError("HOSTED_VLLM_API_BASE lists no vLLM server")
     if len(set(s.upstream_bases)) != len(s.upstream_bases):
@@ -125,6 +131,17 @@ def _validate(s: Settings) -> None:
     if s.redis_url is not None:
         check_redis_url(s.redis_url)
     check_redis_topology(s)
+
+
+def check_metrics_token(token: str, master_key: str) -> None:
+    """METRICS_TOKEN opens /metrics only: it must be hard to guess and must not be the master
+    key (which opens everything). The token is never echoed."""
+    if len(token) < MIN_METRICS_TOKEN_LENGTH:
+        raise ConfigError(f"METRICS_TOKEN is shorter than {MIN_METRICS_TOKEN_LENGTH} characters; generate one "
+                          "with: python -c \"import secrets; print(secrets.token_urlsafe(32))\"")
+    if token == master_key:
+        raise ConfigError("METRICS_TOKEN must differ from LITELLM_MASTER_KEY: it is a read-only credential for "
+                          "/metrics, and Prometheus' configuration would then hold the master key")
 
 
 REDIS_URL_EXAMPLE = "redis://:password@host:6379/0"
@@ -400,6 +417,7 @@ def load_settings(environ=None, **overrides) -> Settings:
         upstream_cooloff=_number(env, "UPSTREAM_COOLOFF_SECONDS", 10.0),
         upstream_max_idle=_number(env, "UPSTREAM_KEEPALIVE_SECONDS", 4.0),
         metrics_public=_flag(env, "METRICS_PUBLIC"),
+        metrics_token=env.get("METRICS_TOKEN", "").strip() or None,
         upstream_ca_bundle=env.get("UPSTREAM_CA_BUNDLE", "").strip() or None,
         key_cache_ttl=_number(env, "KEY_CACHE_TTL", 0.9),
         prices=load_prices(env),

@@ -7,10 +7,19 @@ an ordinary per-app registry is used.
 
 Label children are cached per label tuple: `labels()` takes a lock and builds a key each time,
 which is measurable at thousands of requests per second.
+
+The refusal and upstream-error counters exist from start-up, at 0, for every label value the
+code can produce (AUTH_FAILURE_REASONS, RATE_LIMIT_KINDS, UPSTREAM_ERROR_KINDS × replica), so a
+dashboard or an alert sees 0 -> 1 rather than a series that appears with its first event. The
+two `*_up` gauges are set by the worker that renders /metrics, from probes bounded in time.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
+import threading
+import time
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest)
@@ -28,6 +37,26 @@ _GROUPS = (
     ("/metrics", "vllm_metrics"), ("/health", "vllm_health"), ("/ping", "vllm_health"),
     ("/version", "vllm_health"), ("/load", "vllm_health"),
 )
+
+
+# Every label value the refusal and upstream-error counters can take, created at 0 at start-up.
+# The ONE list: tests/unit/core/test_metrics_startup_series.py reads the raising code (every
+# GatewayError with status 401, 429 or a kind=..., every upstream_error(...) call and
+# gateway.relay.upstream's failure kinds) and fails when a value raised is missing here or a
+# value here is raised nowhere.
+AUTH_FAILURE_REASONS = ("missing_key", "invalid_key", "expired_key", "regenerated_key", "blocked_key",
+                        "keystore_unavailable")
+RATE_LIMIT_KINDS = ("rpm", "tpm", "parallel", "budget_held")
+UPSTREAM_ERROR_KINDS = (
+    "connection_refused", "name_resolution_failed", "timed_out", "connection_reset",  # never connected
+    "response_head_too_large", "connection_closed_without_a_response",
+    "connect_timeout", "read_timeout", "head_timeout", "bad_response", "bad_request", "stream_broken",
+)
+# A transport failure failure_kind() cannot name is labelled with its exception's class name:
+# those few are the only upstream kinds that appear with their first event.
+
+PROBE_DEADLINE = 2.0  # /metrics waits this long at most for the vLLM and Redis probes
+PROBE_REUSE = 1.0     # a finished probe started less than this ago is reused (scrapes cannot multiply probes)
 
 
 def route_group(vllm_path: str) -> str:
@@ -83,6 +112,64 @@ def _cached(metric):
     return child
 
 
+class ScrapeToken:
+    """METRICS_TOKEN: a credential that opens GET /metrics and nothing else. Compared in
+    constant time on digests (the time depends neither on the token's length nor its content)."""
+
+    __slots__ = ("_digest",)
+
+    def __init__(self, token: str | None):
+        self._digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest() if token else None
+
+    def matches(self, credential: str | None) -> bool:
+        if self._digest is None or not credential:
+            return False
+        digest = hashlib.sha256(credential.encode("utf-8", "surrogatepass")).digest()
+        return hmac.compare_digest(digest, self._digest)
+
+
+class _Probe:
+    __slots__ = ("thread", "started", "up")
+
+    def __init__(self, check):
+        self.started = time.monotonic()
+        self.up = False
+        self.thread = threading.Thread(target=self._run, args=(check,), daemon=True, name="vgw-metrics-probe")
+        self.thread.start()
+
+    def _run(self, check) -> None:
+        try:
+            self.up = bool(check())
+        except Exception:  # noqa: BLE001 - whatever a probe raises, the dependency is down
+            self.up = False
+
+
+class Probes:
+    """Health checks with a deadline, for the `*_up` gauges. Each check runs in its own thread
+    (a greenlet under gevent), so a hanging vLLM or Redis costs /metrics PROBE_DEADLINE at most,
+    not the sum of every timeout; a check still hanging from an earlier scrape is reported down
+    and not started again, so probes never pile up; a finished one started less than PROBE_REUSE
+    ago is reused, and a scrape arriving while one runs waits for it rather than start another."""
+
+    def __init__(self, deadline: float = PROBE_DEADLINE, reuse: float = PROBE_REUSE):
+        self.deadline = deadline
+        self.reuse = reuse
+        self._probes: dict = {}
+
+    def run(self, checks: dict) -> dict:
+        """{name: up} for {name: check()}; a check that raises or outlasts the deadline is down."""
+        now = time.monotonic()
+        waiting = {}
+        for name, check in checks.items():
+            probe = self._probes.get(name)
+            if probe is None or (not probe.thread.is_alive() and now - probe.started >= self.reuse):
+                probe = self._probes[name] = _Probe(check)
+            waiting[name] = probe
+        for probe in waiting.values():  # each is waited for until DEADLINE after it started, no longer
+            probe.thread.join(max(probe.started + self.deadline - time.monotonic(), 0.0))
+        return {name: probe.up and not probe.thread.is_alive() for name, probe in waiting.items()}
+
+
 class Metrics:
     def __init__(self):
         self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
@@ -107,8 +194,38 @@ class Metrics:
                                       ["key_alias", "model", "type"], registry=r))
         self.spend = _cached(Counter("vgw_spend_total", "Spend, by key alias and model",
                                      ["key_alias", "model"], registry=r))
+        # "livemostrecent": the value of the worker that probed last wins (a stale worker's never
+        # does), and a dead worker's file is dropped with the live gauges (gunicorn.conf.py child_exit).
+        self.replica_up = _cached(Gauge("vgw_replica_up", "1 when the vLLM replica answers its health probe",
+                                        ["replica"], multiprocess_mode="livemostrecent", registry=r))
+        self.redis_up = Gauge("vgw_redis_up", "1 when Redis (the key store) answers PING",
+                              multiprocess_mode="livemostrecent", registry=r)
         self.key_alias_label = LabelBudget(MAX_KEY_ALIAS_LABELS)
         self.model_label = LabelBudget(MAX_MODEL_LABELS)
+        self.scrape_token = ScrapeToken(None)
+        self.probes = Probes()
+        for reason in AUTH_FAILURE_REASONS:
+            self.auth_failures(reason)
+        for kind in RATE_LIMIT_KINDS:
+            self.rate_limited(kind)
+
+    def prepare(self, replicas=(), token: str | None = None) -> None:
+        """At start-up, once the worker's services exist: create the upstream-error series of every
+        replica (named as Replicas names them: the base URL, which never holds credentials) and
+        take METRICS_TOKEN."""
+        for replica in replicas:
+            for kind in UPSTREAM_ERROR_KINDS:
+                self.upstream_errors(kind, replica)
+        self.scrape_token = ScrapeToken(token)
+
+    def probe(self, replicas: dict, redis_check) -> None:
+        """Set vgw_replica_up ({name: check}, each check () -> bool) and vgw_redis_up
+        (redis_check () -> bool) from probes bounded by PROBE_DEADLINE; never raises."""
+        results = self.probes.run({**{("replica", name): check for name, check in replicas.items()},
+                                   ("redis",): redis_check})
+        for name in replicas:
+            self.replica_up(name).set(1 if results[("replica", name)] else 0)
+        self.redis_up.set(1 if results[("redis",)] else 0)
 
     # -- hooks ------------------------------------------------------------------------------
     def observe_request(self, record, duration: float) -> None:
