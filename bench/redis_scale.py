@@ -168,6 +168,8 @@ def key_queries(total: int, count: int, rng: random.Random) -> dict[str, list[st
     pages = max(1, total // 50)
     return {
         "/key/list page (size 50)": [f"/key/list?page={rng.randint(1, pages)}&size=50" for _ in range(count)],
+        "/key/list page, full objects": [f"/key/list?page={rng.randint(1, pages)}&size=50&return_full_object=true"
+                                         for _ in range(count)],
         "/key/list?key_alias=": [f"/key/list?key_alias=k-{rng.randrange(0, total, 10)}" for _ in range(count)],
         "/key/list?user_id=": [f"/key/list?user_id=owner-{rng.randrange(min(OWNERS, total // 7 or 1))}&size=50"
                                for _ in range(count)],

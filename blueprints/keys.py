@@ -67,18 +67,21 @@ def json_body() -> dict:
     return require_object(payload)
 
 
-def public(record: dict) -> dict:
-    """A record as shown to admins: internal fields dropped, spend merged in, the live copies
-    it was regenerated from listed with their ends (a superseded copy says so itself)."""
+def public(record: dict, totals: dict | None = None) -> dict:
+    """A record as shown to admins: internal fields dropped, spend merged in (`totals`, when
+    read already), the live copies it was regenerated from listed with their ends (a superseded
+    copy says so itself)."""
     shown = {k: v for k, v in record.items() if k not in ("expires_at", "created_epoch")}
     if "previous_tokens" in record:
         head_end = record.get("expires_at") or float("inf")  # a copy never outlives its head
         shown["previous_tokens"] = [{"token": token, "expires": iso(min(end, head_end))}
                                     for token, end in sorted(record["previous_tokens"].items(), key=lambda i: i[1])]
-    try:
-        shown.update(services().accounting.key_totals(record["token"], record))
-    except REDIS_ERRORS:
-        raise unavailable() from None
+    if totals is None:
+        try:
+            totals = services().accounting.key_totals(record["token"], record)
+        except REDIS_ERRORS:
+            raise unavailable() from None
+    shown.update(totals)
     return shown
 
 
@@ -159,7 +162,11 @@ def list_keys():
         key_alias=request.args.get("key_alias"), user_id=request.args.get("user_id"),
         team_id=request.args.get("team_id"), full=full, search=search)
     if full:
-        result["keys"] = [public(r) for r in result["keys"]]
+        try:
+            totals = services().accounting.keys_totals(result["keys"])
+        except REDIS_ERRORS:
+            raise unavailable() from None
+        result["keys"] = [public(r, t) for r, t in zip(result["keys"], totals)]
     return jsonify(result)
 
 

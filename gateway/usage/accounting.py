@@ -235,7 +235,17 @@ class Accounting:
 
     # -- reading --------------------------------------------------------------------------
     def key_totals(self, token: str, key: dict) -> dict:
-        raw = self.redis.hgetall(self.names.key_spend(token))
+        return self._totals(key, self.redis.hgetall(self.names.key_spend(token)))
+
+    def keys_totals(self, records: list[dict]) -> list[dict]:
+        """key_totals of many keys in one round trip (a page of /key/list)."""
+        pipe = self.redis.pipeline(transaction=False)  # one slot per key: fine on a cluster
+        for record in records:
+            pipe.hgetall(self.names.key_spend(record["token"]))
+        return [self._totals(record, raw) for record, raw in zip(records, pipe.execute())]
+
+    @staticmethod
+    def _totals(key: dict, raw: dict) -> dict:
         now = time.time()
         prompt, completion = int(raw.get("prompt_tokens", 0)), int(raw.get("completion_tokens", 0))
         return {
