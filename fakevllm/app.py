@@ -5,6 +5,11 @@ to be far cheaper than the gateway under test).  Besides the vLLM routes it
 offers control headers (``x-fake-*``) that tests send *through* a gateway to
 provoke delays, errors, broken streams and hangs, and ``/_fake/*`` routes to
 inspect what actually arrived and how streams ended.
+
+With a load model (``make_app(load=LoadConfig(...))``, or any load option of
+``python -m fakevllm``; see engine.py) generation requests queue for a batch
+slot and KV blocks and take the time vLLM would; without one (the default)
+they are answered at once.
 """
 
 import base64
@@ -18,6 +23,7 @@ from http import HTTPStatus
 from urllib.parse import parse_qsl, quote
 
 from . import handlers as H
+from .engine import LoadConfig, LoadModel
 from .payloads import dumps, models_list
 from .sse import ClientGone, SSEStream, drive
 
@@ -131,7 +137,7 @@ class Request:
     """What handlers get: the request plus the parsed x-fake-chunks knob."""
 
     __slots__ = ("method", "path", "raw_path", "query", "body", "environ", "rid",
-                 "headers", "chunks", "streaming")
+                 "headers", "chunks", "streaming", "seq", "watcher")
 
     def __init__(self, environ, method, path, body):
         self.environ = environ
@@ -147,13 +153,18 @@ class Request:
         self.headers = _raw_headers(environ)
         self.chunks = max(_int_header(environ, "HTTP_X_FAKE_CHUNKS", DEFAULT_CHUNKS), 0)
         self.streaming = False
+        self.seq = None      # the load model's Seq for this request, if any
+        self.watcher = None  # the greenlet watching for a hang-up meanwhile
 
 
 class FakeVLLM:
     """The WSGI callable; ``recorded`` and ``events`` are public for tests."""
 
-    def __init__(self, api_key=None, model="fake-model"):
+    def __init__(self, api_key=None, model="fake-model", load=None):
         self.api_key = api_key
+        if isinstance(load, dict):
+            load = LoadConfig(**load)
+        self.load = LoadModel(load) if load is not None else None
         self.model = model
         self.recorded = []
         self.events = []
@@ -171,6 +182,82 @@ class FakeVLLM:
         c["prompt_tokens"] += prompt
         c["generation_tokens"] += generated
         c["requests"] += 1
+        if self.load is not None:
+            self.load.pick().count(prompt, generated)
+
+    # ------------------------------------------------------- load model
+
+    def generate(self, req, prompt, n, tokens):
+        """Account a generation request of ``prompt`` tokens and ``n`` output tokens; under
+        the load model also queue it on an engine (``tokens()`` gives the prompt's tokens).
+        Returns an error response, or None to go on."""
+        if self.load is None:
+            self.count_tokens(prompt, n)
+            return None
+        capacity = self.load.capacity
+        if prompt + max(n, 1) > capacity:
+            return H.error(
+                "This model's maximum context length is %d tokens. However, you requested "
+                "%d tokens (%d in the messages, %d in the completion). Please reduce the "
+                "length of the messages or completion." % (capacity, prompt + n, prompt, n),
+                400)
+        c = self.counters
+        c["prompt_tokens"] += prompt
+        c["generation_tokens"] += n
+        c["requests"] += 1
+        engine = self.load.pick()
+        seq = req.seq = engine.submit(tokens(), n)
+        sock = req.environ.get("fake.socket")
+        if sock is not None:  # our gevent server: abort when the client hangs up
+            import gevent
+            req.watcher = gevent.spawn(_watch_hangup, sock, seq)
+        return None
+
+    def wait_generated(self, req):
+        """Non-stream: block until the request's tokens are all generated.  A client that
+        hung up meanwhile gets its connection dropped (the engine already freed its slot)."""
+        seq = req.seq
+        if seq is None:
+            return
+        try:
+            finished = seq.engine.wait_finished(seq)
+        finally:
+            self._release(req)
+        if not finished:
+            self.add_event({"type": "request_aborted", "request_id": req.rid,
+                            "path": req.raw_path, "time": time.time()})
+            raise ConnectionResetError(errno.ECONNRESET, "client gone during generation")
+
+    def _release(self, req):
+        """The request is over: abort its Seq if still active, stop the hang-up watcher."""
+        seq, req.seq = req.seq, None
+        if seq is not None:
+            seq.engine.abort(seq)
+        watcher, req.watcher = req.watcher, None
+        if watcher is not None:
+            watcher.kill()
+
+    def _gated(self, seq, head, n, content, tail):
+        """(head, content, tail) that wait for the engine: head until the first token (all
+        of them when n == 0), content(i) until token i, tail until the request finished."""
+        engine = seq.engine
+
+        def gated_head():
+            if not (engine.wait_tokens(seq, 1) if n else engine.wait_finished(seq)):
+                raise ClientGone()
+            yield from head
+
+        def gated_content(i):
+            if not engine.wait_tokens(seq, i + 1):
+                raise ClientGone()
+            return content(i)
+
+        def gated_tail():
+            if not engine.wait_finished(seq):
+                raise ClientGone()
+            yield from tail
+
+        return gated_head(), gated_content, gated_tail()
 
     def add_event(self, event):
         with self._cond:
@@ -192,14 +279,21 @@ class FakeVLLM:
         env = req.environ
         delay = max(_int_header(env, "HTTP_X_FAKE_CHUNK_DELAY_MS", 0), 0) / 1000.0
         sock = env.get("fake.socket")
+        seq = req.seq
 
         def pause(seconds):
             # Watch the socket while pausing, as a real server notices a hang-up during a
             # silence (e.g. a long prefill) rather than at its next write.
-            if sock is None:
+            if seq is not None:  # the request's watcher is on the socket already
+                if seq.engine.wait_aborted(seq, seconds):
+                    raise ClientGone()
+            elif sock is None:
                 time.sleep(seconds)
             elif _wait_for_hangup(sock, seconds) == "client_gone":
                 raise ClientGone()
+
+        if seq is not None:
+            head, content, tail = self._gated(seq, head, n, content, tail)
 
         events = drive(head, n, content, tail, delay,
                        _int_header(env, "HTTP_X_FAKE_FAIL_AFTER"),
@@ -208,6 +302,8 @@ class FakeVLLM:
 
         def on_close(kind, sent):
             self.inflight -= 1
+            if req.seq is not None:
+                self._release(req)  # frees the slot before the event is seen
             self.add_event({"type": kind, "request_id": rid, "path": path,
                             "events_sent": sent, "time": time.time()})
 
@@ -229,7 +325,15 @@ class FakeVLLM:
         try:
             code, headers, body = self._dispatch(req)
             if req.streaming:
-                start_response(_status_line(code), headers)
+                write = start_response(_status_line(code), headers)
+                if req.seq is not None and callable(write):
+                    # vLLM answers with the headers at once; the first event may wait in
+                    # the queue and prefill (pywsgi would hold them for the first chunk).
+                    try:
+                        write(b"")
+                    except BaseException:
+                        body.close()
+                        raise
                 return body
             if body and environ.get("HTTP_X_FAKE_GZIP") == "1":
                 body = gzip.compress(body, 6, mtime=0)
@@ -239,6 +343,8 @@ class FakeVLLM:
         finally:
             if not req.streaming:
                 self.inflight -= 1
+                if req.seq is not None:
+                    self._release(req)
 
     def _dispatch(self, req):
         env = req.environ
@@ -379,6 +485,15 @@ def _wait_for_hangup(sock, limit):
         return "timeout"
 
 
-def make_app(api_key=None, model="fake-model"):
-    """Build the fake server's WSGI callable."""
-    return FakeVLLM(api_key=api_key, model=model)
+def _watch_hangup(sock, seq):
+    """While ``seq`` is active, abort it when the client hangs up (vLLM aborts too)."""
+    while seq.active:
+        if _wait_for_hangup(sock, 60.0) == "client_gone":
+            seq.engine.abort(seq)
+            return
+
+
+def make_app(api_key=None, model="fake-model", load=None):
+    """Build the fake server's WSGI callable; ``load`` (a LoadConfig or a dict of its
+    settings) switches the load model on."""
+    return FakeVLLM(api_key=api_key, model=model, load=load)

@@ -88,6 +88,9 @@ def load(app, req):
 
 
 def metrics(app, req):
+    if app.load is not None:
+        return 200, METRICS, P.load_metrics_text(app.model, app.load.snapshots(),
+                                                 len(app.load.engines) > 1)
     return 200, METRICS, P.metrics_text(app.model, max(app.inflight - 1, 0), app.counters)
 
 
@@ -97,6 +100,8 @@ def models(app, req):
 
 def operator(app, req):
     """Dev/operator routes: answer success so tests can see a gateway leak."""
+    if req.path == "/reset_prefix_cache" and app.load is not None:
+        app.load.reset_prefix_cache()
     return json_resp({"ok": True, "route": req.path})
 
 
@@ -145,13 +150,16 @@ def chat(app, req, body=None):
         return error("`messages` is required and must be a list", 400, "messages")
     prompt = P.message_words(messages)
     n, finish = _limit(req.chunks, body, "max_completion_tokens", "max_tokens")
-    app.count_tokens(prompt, n)
+    refused = app.generate(req, prompt, n, lambda: P.message_tokens(messages))
+    if refused is not None:
+        return refused
     cid = _req_id(req, "chatcmpl-")
     if body.get("stream") is True:
         include_usage, continuous = _stream_opts(body)
         head, content, tail = sse.chat_events(cid, app.model, n, finish, prompt,
                                               include_usage, continuous)
         return app.stream(req, head, n, content, tail, sse.openai_error_tail())
+    app.wait_generated(req)
     return json_resp(P.chat_completion(cid, app.model, n, prompt, finish))
 
 
@@ -161,13 +169,16 @@ def completions(app, req, body=None):
         return error("`prompt` is required", 400, "prompt")
     prompt = P.prompt_words(body["prompt"])
     n, finish = _limit(req.chunks, body, "max_tokens")
-    app.count_tokens(prompt, n)
+    refused = app.generate(req, prompt, n, lambda: P.prompt_tokens(body["prompt"]))
+    if refused is not None:
+        return refused
     cid = _req_id(req, "cmpl-")
     if body.get("stream") is True:
         include_usage, _ = _stream_opts(body)
         head, content, tail = sse.completion_events(cid, app.model, n, finish, prompt,
                                                     include_usage)
         return app.stream(req, head, n, content, tail, sse.openai_error_tail())
+    app.wait_generated(req)
     return json_resp(P.text_completion(cid, app.model, n, prompt, finish))
 
 
@@ -188,6 +199,13 @@ def _input_words(inp):
     return P.prompt_words(inp)
 
 
+def _input_tokens(inp):
+    if isinstance(inp, list):
+        return [t for i in inp for t in (P.content_tokens(i.get("content"))
+                                         if isinstance(i, dict) else P.prompt_tokens(i))]
+    return P.prompt_tokens(inp)
+
+
 def responses(app, req):
     body = json_body(app, req)
     if "input" not in body:
@@ -197,13 +215,16 @@ def responses(app, req):
     cap = body.get("max_output_tokens")
     if isinstance(cap, int) and 0 <= cap < n:
         n = cap
-    app.count_tokens(prompt, n)
+    refused = app.generate(req, prompt, n, lambda: _input_tokens(body["input"]))
+    if refused is not None:
+        return refused
     rid = req.rid if req.rid is not None else P.random_id()
     done = P.response_object(rid, app.model, n, prompt)
     if body.get("stream") is True:
         head, content, tail, err = sse.response_events(
             P.response_object(rid, app.model, n, prompt, "in_progress"), done, n)
         return app.stream(req, head, n, content, tail, err)
+    app.wait_generated(req)
     return json_resp(done)
 
 
@@ -227,12 +248,16 @@ def messages(app, req):
         return error("`messages` is required and must be a list", 400, "messages")
     prompt = P.message_words(msgs) + P.content_words(body.get("system"))
     n, finish = _limit(req.chunks, body, "max_tokens")
-    app.count_tokens(prompt, n)
+    refused = app.generate(req, prompt, n, lambda: P.content_tokens(body.get("system"))
+                           + P.message_tokens(msgs))
+    if refused is not None:
+        return refused
     msg = P.anthropic_message(_req_id(req, "msg_"), app.model, n, prompt,
                               "max_tokens" if finish == "length" else "end_turn")
     if body.get("stream") is True:
         head, content, tail, err = sse.message_events(msg, n)
         return app.stream(req, head, n, content, tail, err)
+    app.wait_generated(req)
     return json_resp(msg)
 
 

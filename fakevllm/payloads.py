@@ -87,6 +87,34 @@ def prompt_words(prompt):
     return 0
 
 
+def word_list(text):
+    return text.split() if isinstance(text, str) else []
+
+
+def content_tokens(content):
+    """The tokens (words) content_words() counts, in order."""
+    if isinstance(content, str):
+        return content.split()
+    if isinstance(content, list):
+        return [w for p in content if isinstance(p, dict) for w in word_list(p.get("text"))]
+    return []
+
+
+def message_tokens(messages):
+    return [w for m in messages if isinstance(m, dict) for w in content_tokens(m.get("content"))]
+
+
+def prompt_tokens(prompt):
+    """The tokens prompt_words() counts: words, or the token ids themselves."""
+    if isinstance(prompt, str):
+        return prompt.split()
+    if isinstance(prompt, list):
+        if all(isinstance(p, int) for p in prompt):
+            return list(prompt)
+        return [t for p in prompt for t in prompt_tokens(p)]
+    return []
+
+
 def token_id(word):
     """Deterministic fake token id for a word (stable across runs)."""
     return zlib.crc32(word.encode("utf-8", "surrogatepass")) % 50000
@@ -206,4 +234,47 @@ def metrics_text(model, running, counters):
         'vllm:request_success_total{finished_reason="stop",model_name="%s"} %d'
         % (model, counters["requests"]),
     ]
+    return ("\n".join(lines) + "\n").encode()
+
+
+_LOAD_SERIES = (
+    ("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.",
+     "running", "%d"),
+    ("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.",
+     "waiting", "%d"),
+    ("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.",
+     "kv_cache_usage", "%r"),
+    ("vllm:num_preemptions_total", "counter", "Cumulative number of preemption from the engine.",
+     "preemptions", "%d"),
+    ("vllm:prefix_cache_queries_total", "counter",
+     "Prefix cache queries, in terms of number of queried tokens.", "prefix_queries", "%d"),
+    ("vllm:prefix_cache_hits_total", "counter",
+     "Prefix cache hits, in terms of number of cached tokens.", "prefix_hits", "%d"),
+    ("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.",
+     "prompt_tokens", "%d"),
+    ("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.",
+     "generation_tokens", "%d"),
+)
+
+
+def load_metrics_text(model, engines, engine_label):
+    """Exposition text under the load model: one sample per engine (``engines`` are
+    Engine.snapshot() dicts), labelled ``engine="i"`` when ``engine_label``."""
+    labels = []
+    for i in range(len(engines)):
+        labels.append('engine="%d",model_name="%s"' % (i, model) if engine_label
+                      else 'model_name="%s"' % model)
+    lines = []
+    for name, kind, help_text, key, fmt in _LOAD_SERIES:
+        lines.append("# HELP %s %s" % (name, help_text))
+        lines.append("# TYPE %s %s" % (name, kind))
+        for lbl, snap in zip(labels, engines):
+            value = snap[key] if key in snap else snap["counters"][key]
+            lines.append(("%s{%s} " + fmt) % (name, lbl, value))
+    lines.append("# HELP vllm:request_success_total Count of successfully processed requests.")
+    lines.append("# TYPE vllm:request_success_total counter")
+    for i, snap in enumerate(engines):
+        lines.append('vllm:request_success_total{%sfinished_reason="stop",model_name="%s"} %d'
+                     % ('engine="%d",' % i if engine_label else "", model,
+                        snap["counters"]["requests"]))
     return ("\n".join(lines) + "\n").encode()
