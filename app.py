@@ -96,9 +96,10 @@ def build_services(settings: Settings, redis_client, session=None) -> Services:
 
 
 def _register_blueprints(app: Flask) -> None:
-    from blueprints import audit, health, keys, metrics, passthrough, replicas, spend
+    from blueprints import audit, console, health, keys, metrics, passthrough, replicas, spend
 
-    for blueprint in (passthrough.bp, health.bp, keys.bp, spend.bp, audit.bp, metrics.bp, replicas.bp):
+    for blueprint in (passthrough.bp, health.bp, keys.bp, spend.bp, audit.bp, metrics.bp, replicas.bp,
+                      console.bp):
         app.register_blueprint(blueprint)
 
 
