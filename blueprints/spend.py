@@ -56,18 +56,40 @@ def spend_report():
     try:
         report = _spend_log().counters.report(group_by, interval, start, end, limit)
         if group_by == "key":
-            _name_keys(report["series"])
+            report["series"] = _by_current_key(report["series"])
     except REDIS_ERRORS:
         raise unavailable() from None
     return jsonify(report)
 
 
-def _name_keys(series: list[dict]) -> None:
-    """Each key series gets its key's alias (None for the master key, "other" and keys gone)."""
-    records = services().keystore.records([s["group"] for s in series if s["group"] not in (None, MASTER_BUCKET)])
+def _by_current_key(series: list[dict]) -> list[dict]:
+    """Key series as keys are now: a regenerated key's old token is added to the key it became
+    (one series per key, not per token), and each series names its key's alias (None for the
+    master key, "other" and keys gone)."""
+    store = services().keystore
+    current = store.current_tokens([s["group"] for s in series if s["group"] not in (None, MASTER_BUCKET)])
+    merged: dict = {}
     for entry in series:
-        record = records.get(entry["group"])
-        entry["key_alias"] = record.get("key_alias") if record else None
+        if entry["other"]:
+            continue
+        token = current.get(entry["group"], entry["group"])
+        if token in merged:
+            _add_series(merged[token], entry)
+        else:
+            merged[token] = {**entry, "group": token}
+    records = store.records([t for t in merged if t != MASTER_BUCKET])
+    for token, entry in merged.items():
+        entry["key_alias"] = (records.get(token) or {}).get("key_alias")
+    shown = sorted(merged.values(), key=lambda e: (-e["totals"]["spend"], -e["totals"]["requests"], e["group"]))
+    return shown + [{**e, "key_alias": None} for e in series if e["other"]]
+
+
+def _add_series(into: dict, entry: dict) -> None:
+    for name in ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "spend"):
+        into[name] = [a + b for a, b in zip(into[name], entry[name])]
+        into["totals"] = {**into["totals"], name: into["totals"][name] + entry["totals"][name]}
+    into["spend"] = [round(v, 10) for v in into["spend"]]
+    into["totals"]["spend"] = round(into["totals"]["spend"], 10)
 
 
 @bp.get("/end_user/info")

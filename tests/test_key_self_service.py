@@ -206,3 +206,18 @@ def test_the_usage_report_by_key_names_each_keys_alias(kclient):
     series = kclient.get("/spend/report", headers=MASTER, query_string={"group_by": "key"}).get_json()["series"]
     aliases = {s["group"]: s["key_alias"] for s in series}
     assert aliases[named["token"]] == "named" and aliases["master"] is None and None in aliases.values()
+
+
+def test_the_usage_report_counts_a_regenerated_key_as_one_key(kclient):
+    created, auth = make_key(kclient, key_alias="rolled")
+    chat(kclient, auth, 2)
+    first = kclient.post("/key/regenerate", headers=MASTER, json={"key": created["key"], "grace_period": "1h"}).get_json()
+    chat(kclient, {"Authorization": f"Bearer {first['key']}"}, 1)
+    second = kclient.post("/key/regenerate", headers=MASTER, json={"key": first["key"]}).get_json()  # no grace
+    chat(kclient, {"Authorization": f"Bearer {second['key']}"}, 1)
+    series = kclient.get("/spend/report", headers=MASTER, query_string={"group_by": "key", "interval": "hour"}
+                         ).get_json()["series"]
+    mine = [s for s in series if s["key_alias"] == "rolled" or s["group"] in (created["token"], first["token"])]
+    assert [s["group"] for s in mine] == [second["token"]]
+    assert mine[0]["totals"]["requests"] == 4 and mine[0]["requests"][-1] == 4
+    assert mine[0]["totals"]["spend"] == pytest.approx(4 * 0.013)

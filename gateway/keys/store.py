@@ -285,6 +285,28 @@ class KeyStore:
         except REDIS_ERRORS:
             raise unavailable() from None
 
+    def current_tokens(self, tokens: list[str], hops: int = 3) -> dict[str, str]:
+        """token -> the token of the key it now is: itself, or, for a regenerated key's old
+        token, its successor's (followed through up to `hops` regenerations), as far as Redis
+        still knows (the old copy's record, else its spend's `moved_to`)."""
+        current = {token: token for token in tokens}
+        try:
+            for _ in range(hops):
+                heads = set(current.values())
+                records = self._records(sorted(heads))
+                gone = [t for t in sorted(heads) if records.get(t) is None]
+                pipe = self.redis.pipeline(transaction=False)
+                for token in gone:
+                    pipe.hget(self.names.key_spend(token), "moved_to")
+                moved = dict(zip(gone, pipe.execute() if gone else []))
+                step = {t: (records[t] or {}).get("superseded_by") or moved.get(t) or t for t in heads}
+                if all(step[t] == t for t in heads):
+                    break
+                current = {token: step[head] for token, head in current.items()}
+        except REDIS_ERRORS:
+            raise unavailable() from None
+        return current
+
     def _records(self, tokens: list[str]) -> dict[str, dict | None]:
         if not tokens:
             return {}
