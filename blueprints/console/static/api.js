@@ -117,3 +117,12 @@ export async function tokenOf(value) {
   const digest = await window.crypto.subtle.digest("SHA-256", new TextEncoder().encode(text));
   return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
 }
+
+// The `key` filter of a query: a typed key goes as its token (never in a query string);
+// undefined when empty; an error when the key cannot be hashed here.
+export async function keyFilter(value) {
+  if (!value) return undefined;
+  const token = await tokenOf(value);
+  if (token === null) throw new Error("Give the key's token: this page is not a secure context, so a key cannot be hashed here.");
+  return token || undefined;
+}

@@ -1,6 +1,6 @@
 // Operator: the audit log of admin changes (/audit/logs), newest first.
 
-import {describe, get, tokenOf} from "./api.js";
+import {describe, get, keyFilter} from "./api.js";
 import {rangeArgs} from "./usage.js";
 import {dataTable, field, fmtTime, h, input, select} from "./dom.js";
 
@@ -32,9 +32,7 @@ export async function render(root, ctx) {
     const current = ctx.fresh("load");  // a later call of it wins
     list.setAttribute("aria-busy", "true");
     try {
-      const token = state.key ? await tokenOf(state.key) : "";
-      if (token === null) throw new Error("Give the key's token: a key cannot be hashed outside a secure context.");
-      const data = await get("/audit/logs", {key: token || undefined, key_alias: state.key_alias,
+      const data = await get("/audit/logs", {key: await keyFilter(state.key), key_alias: state.key_alias,
         action: state.action, ...rangeArgs(state.start, state.end), page: state.page, size: 50});
       if (!current()) return;
       const logs = Array.isArray(data.logs) ? data.logs : [];

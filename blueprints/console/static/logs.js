@@ -1,7 +1,7 @@
 // Operator: the spend log (/spend/logs) with the API's filters, newest first, and a request-id
 // search that shows one request's full record.
 
-import {describe, get, tokenOf} from "./api.js";
+import {describe, get, keyFilter} from "./api.js";
 import {rangeArgs} from "./usage.js";
 import {announce, dataTable, facts, field, fmtInt, fmtMoney, fmtTime, h, input, openDialog, select} from "./dom.js";
 
@@ -82,9 +82,7 @@ export async function render(root, ctx) {
     const current = ctx.fresh("load");  // a later call of it wins
     list.setAttribute("aria-busy", "true");
     try {
-      const token = state.key ? await tokenOf(state.key) : "";
-      if (token === null) throw new Error("Give the key's token: this page is not a secure context, so a key cannot be hashed here.");
-      const data = await get("/spend/logs", {key: token || undefined, key_alias: state.key_alias, end_user: state.end_user,
+      const data = await get("/spend/logs", {key: await keyFilter(state.key), key_alias: state.key_alias, end_user: state.end_user,
         ...rangeArgs(state.start, state.end), page: state.page, size: state.size});
       if (!current()) return;
       show(data);
