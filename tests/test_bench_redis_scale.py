@@ -14,7 +14,7 @@ def test_the_scale_bench_runs_in_quick_mode():
     assert "seeded 20,000 entries" in out and re.search(r"[\d,]+ bytes per logged request", out)
     assert re.search(r"[\d,]+ bytes per key", out)
     rows = dict(re.findall(r"^(/\S.*?)\s+[\d.]+\s+[\d.]+\s+\d+\s+(\d+)$", out, re.M))
-    assert len(rows) == 10, out
+    assert len(rows) == 12, out
     # Every filtered query found its target (the combined one may find nothing, by chance).
     assert all(empty == "0" for name, empty in rows.items() if name != "/spend/logs?key=&end_user="), out
     server = re.search(r"redis-server on 127\.0\.0\.1:(\d+)", out).group(1)

@@ -35,7 +35,7 @@ from gateway.keys.audit import AuditLog
 from gateway.keys.auth import Identity, hash_key
 from gateway.core.durations import parse_duration
 from gateway.core.errors import GatewayError
-from gateway.core.redisconn import REDIS_ERRORS, unavailable
+from gateway.core.redisconn import REDIS_ERRORS, incidents, unavailable
 from gateway.core.timefmt import iso
 from gateway.keys.cache import KeyCache, publish_changes
 from gateway.keys.index import KeyIndex
@@ -122,9 +122,9 @@ class KeyStore:
                 start += page
             self.redis.set(self.names.keys_by_alias_built, "1")
             return added
-        except (redis.exceptions.RedisError, *REDIS_ERRORS):  # a start-up step only: never fatal
-            log.warning("could not add existing keys to the alias search index; it is tried again at "
-                        "the next start")
+        except (redis.exceptions.RedisError, *REDIS_ERRORS) as exc:  # a start-up step only: never fatal
+            incidents.report(exc, "Keys made before the alias search index existed are added to it at the "
+                                  "next start.")  # one line per incident, like every Redis failure
             try:
                 self.redis.delete(self.names.keys_by_alias_built)
             except (redis.exceptions.RedisError, *REDIS_ERRORS):
