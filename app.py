@@ -16,7 +16,10 @@ from gateway.core.redisnames import RedisNames
 from gateway.keys.audit import AuditLog
 from gateway.keys.auth import Authenticator
 from gateway.keys.store import KeyStore
+from gateway.relay.admission import Admission
+from gateway.relay.choice import Policy
 from gateway.relay.exchange import Passthrough
+from gateway.relay.loadpoller import LoadBoard, LoadPoller
 from gateway.relay.replicas import Replicas
 from gateway.relay.transport import build_session
 from gateway.relay.upstream import Upstream
@@ -77,7 +80,9 @@ def build_services(settings: Settings, redis_client, session=None) -> Services:
                           read_timeout=settings.read_timeout, head_timeout=settings.head_timeout)
                  for base in settings.upstream_bases]
     replicas = Replicas(upstreams, cooloff=settings.upstream_cooloff, redis=redis_client, names=names,
-                        on_error=metrics.upstream_error)
+                        on_error=metrics.upstream_error, on_decision=metrics.route_decision,
+                        round_robin=settings.routing_strategy == "round_robin")
+    admission = _load_aware_routing(settings, replicas, redis_client, names, metrics)
     metrics.prepare(replicas=[replica.name for replica in replicas.replicas], token=settings.metrics_token)
     audit = AuditLog(redis_client, names)
     keystore = KeyStore(redis_client, names, settings.key_cache_ttl, audit=audit)
@@ -89,10 +94,34 @@ def build_services(settings: Settings, redis_client, session=None) -> Services:
     accounting = Accounting(redis_client, names, settings.prices, settings.spend_log_max, limiter,
                             end_user_ttl=settings.end_user_stats_ttl, budgets=budgets, log_limits=log_limits)
     passthrough = Passthrough(replicas, upstreams[0].auth_header, authenticator, settings.max_body_bytes,
-                              accounting, limiter, metrics, settings.body_read_timeout, budgets)
+                              accounting, limiter, metrics, settings.body_read_timeout, budgets, admission=admission)
     return Services(settings=settings, redis=redis_client, session=session, metrics=metrics,
                     replicas=replicas, keystore=keystore, audit=audit, auth=authenticator, limiter=limiter,
-                    budgets=budgets, accounting=accounting, passthrough=passthrough)
+                    budgets=budgets, accounting=accounting, passthrough=passthrough, admission=admission)
+
+
+def _load_aware_routing(settings: Settings, replicas: Replicas, redis_client, names, metrics):
+    """Routing by vLLM's own figures (README "Routing by vLLM's own load"): the policy, this
+    worker's copy of the shared figures and its poller, on the replica set; returns the
+    admission queue (None when admission control is off)."""
+    if not settings.routing_polls:
+        return None
+    replicas.policy = Policy(
+        w_queue=settings.routing_weight_queue, w_running=settings.routing_weight_running,
+        w_kv=settings.routing_weight_kv, max_waiting=settings.routing_max_waiting, max_kv=settings.routing_max_kv,
+        max_inflight=settings.routing_max_inflight, affinity=settings.routing_affinity,
+        affinity_slack=settings.routing_affinity_slack, affinity_prefix_bytes=settings.routing_affinity_prefix_bytes)
+    replicas.board = LoadBoard(names, [r.name for r in replicas.replicas], settings.routing_stale_after)
+    replicas.poller = LoadPoller(replicas.board, replicas.replicas, redis_client, names,
+                                 interval=settings.routing_poll_interval, timeout=settings.routing_poll_timeout,
+                                 instance_id=settings.instance_id)
+    if not settings.routing_admission_on:
+        return None
+    admission = Admission(replicas.has_room, max_waiting=settings.routing_queue_max,
+                          timeout=settings.routing_queue_timeout, metrics=metrics)
+    replicas.on_change = admission.pump
+    replicas.poller.on_refresh = admission.pump
+    return admission
 
 
 def _register_blueprints(app: Flask) -> None:

@@ -26,6 +26,8 @@ def metrics():
     redis = gateway.redis
     gateway.metrics.probe({replica.name: _replica_check(replica) for replica in gateway.replicas.replicas},
                           lambda: check_health(redis)[0])
+    if gateway.replicas.load_aware:  # the shared figures and their age, as this worker holds them
+        gateway.metrics.show_load({replica.name: gateway.replicas.load(replica) for replica in gateway.replicas.replicas})
     body, content_type = gateway.metrics.render()
     return Response(body, content_type=content_type)
 

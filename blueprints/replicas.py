@@ -2,7 +2,9 @@
 
 The gateway's view: up or down (its /health and /v1/models answer), requests this worker has in
 flight there, the cool-off left after a failure and the last error. vLLM's view: requests running
-and waiting and KV-cache use, read from its /metrics at the time of the call.
+and waiting and KV-cache use, read from its /metrics at the time of the call (`vllm`), and the
+figures routing uses, shared through Redis, with their age (`load`; null when load-aware routing
+is off). `routing` says how this worker routes: the poller lease and the admission queue.
 """
 from __future__ import annotations
 
@@ -36,5 +38,19 @@ def replicas():
             "name": state["base"], "status": state["status"], "detail": state["detail"],
             "inflight": state["inflight"], "cooling_off_s": state["cooling_off_s"],
             "last_error": state["last_error"], "vllm": _vllm_load(replica.upstream),
+            "load": state.get("load"),
         })
-    return jsonify({"replicas": shown})
+    return jsonify({"replicas": shown, "routing": _routing(services())})
+
+
+def _routing(gateway) -> dict:
+    replicas, admission = gateway.replicas, gateway.admission
+    poller = replicas.poller
+    return {
+        "load_aware": replicas.load_aware,
+        "affinity": bool(replicas.policy and replicas.policy.affinity),
+        "poller": None if poller is None else {"instance": poller.instance_id, "worker": poller.worker_id,
+                                               "this_worker_polls": poller.holder},
+        "queue": None if admission is None else {"length": admission.length, "max": admission.max_waiting,
+                                                 "timeout_s": admission.timeout},
+    }

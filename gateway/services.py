@@ -32,3 +32,4 @@ class Services:
     budgets: Budgets            # budget reservations at admission (settled by accounting)
     accounting: Accounting
     passthrough: Passthrough
+    admission: Any = None       # the admission queue (gateway/relay/admission.py), None when off

@@ -23,12 +23,19 @@ vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.25
 # TYPE vllm:num_preemptions counter
 vllm:num_preemptions_total{engine="0",model_name="m"} 4.0
 vllm:num_preemptions_total{engine="1",model_name="m"} 1.0
+# TYPE vllm:prefix_cache_queries counter
+vllm:prefix_cache_queries_total{engine="0",model_name="m"} 60.0
+vllm:prefix_cache_queries_total{engine="1",model_name="m"} 40.0
+# TYPE vllm:prefix_cache_hits counter
+vllm:prefix_cache_hits_total{engine="0",model_name="m"} 20.0
+vllm:prefix_cache_hits_total{engine="1",model_name="m"} 10.0
 """
 
 
 def test_figures_are_summed_over_engines_and_kv_use_averaged():
     assert parse_load(DATA_PARALLEL) == {"requests_running": 5.0, "requests_waiting": 8.0,
-                                         "preemptions_total": 5.0, "kv_cache_usage": 0.375}
+                                         "preemptions_total": 5.0, "kv_cache_usage": 0.375,
+                                         "prefix_cache_hits_total": 30.0, "prefix_cache_queries_total": 100.0}
 
 
 def test_older_vllm_kv_cache_name_is_read():
@@ -99,8 +106,11 @@ def test_replicas_route_shows_state_and_vllm_figures(vllm):
     body = client.get("/replicas", headers=MASTER).get_json()
     up, down = body["replicas"]
     assert up["name"] == vllm.url and up["status"] == "up" and up["inflight"] == 0
-    assert up["vllm"] == {"requests_running": 0.0, "requests_waiting": 0.0, "kv_cache_usage": 0.0,
-                          "preemptions_total": None, "error": None}
+    # (the prefix-cache counters are whatever the fake reports, None when it does not)
+    assert {k: v for k, v in up["vllm"].items() if not k.startswith("prefix_cache")} == {
+        "requests_running": 0.0, "requests_waiting": 0.0, "kv_cache_usage": 0.0, "preemptions_total": None,
+        "error": None}
+    assert {"prefix_cache_hits_total", "prefix_cache_queries_total"} <= set(up["vllm"])
     assert down["status"] == "down" and down["vllm"]["requests_running"] is None
     assert "could not be read" in down["vllm"]["error"]
     assert down["name"] == dead and UPSTREAM_KEY not in str(body)

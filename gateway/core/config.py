@@ -6,6 +6,7 @@ Nothing here imports `requests`, `ssl` or `redis`: `gunicorn.conf.py` calls
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -68,9 +69,43 @@ class Settings:
     spend_log_key_max: int = 10_000  # spend-log entries kept per key (its index), 0: none
     spend_log_end_user_max: int = 1_000  # per end user
     budget_default_max_tokens: int = 1024  # output tokens reserved for a budgeted request with no max_tokens
+    # Load-aware routing (README "Routing by vLLM's own load"; gateway/relay/choice.py).
+    # ROUTING_STRATEGY: "load" (vLLM's figures), "least_busy" (fewest in flight in the worker; what
+    # ROUTING_LOAD_AWARE=0 means) or "round_robin" (each worker takes the replicas in turn, healthy first).
+    routing_strategy: str = "load"
+    routing_load_aware: bool = True      # read vLLM's /metrics and route on them (strategy "load")
+    routing_poll_interval: float = 0.25  # seconds between two reads of every replica's /metrics
+    routing_poll_timeout: float = 0.5    # one read's connect/read timeout (its body: 3x)
+    routing_stale_after: float = 2.0     # figures older than this are not used
+    routing_max_waiting: int = 8         # saturated at this many requests waiting in vLLM
+    routing_max_kv: float = 0.95         # saturated at this KV-cache use (0..1)
+    routing_max_inflight: int = 0        # saturated at running + waiting >= this (0: no cap)
+    routing_weight_queue: float = 1.0
+    routing_weight_running: float = 1.0
+    routing_weight_kv: float = 2.0
+    routing_affinity: bool = True        # a session's requests go to one replica (prefix cache)
+    routing_affinity_slack: float = 4.0  # ... unless its score exceeds the best by more than this
+    routing_affinity_prefix_bytes: int = 1024
+    routing_admission: bool | None = None  # queue when every replica is saturated; None: with several replicas
+    routing_queue_max: int = 256         # requests queued per worker (0: refuse at once when saturated)
+    routing_queue_timeout: float = 30.0  # longest wait in the queue, then 503
+    instance_id: str | None = None       # GATEWAY_INSTANCE_ID; None: host name and gunicorn master pid
 
     def __post_init__(self):
         _validate(self)
+
+    @property
+    def routing_admission_on(self) -> bool:
+        """Admission control applies: load-aware routing is on, and ROUTING_ADMISSION says so
+        (unset: with several replicas; one replica then needs no polling at all)."""
+        if not self.routing_load_aware:
+            return False
+        return self.routing_admission if self.routing_admission is not None else len(self.upstream_bases) > 1
+
+    @property
+    def routing_polls(self) -> bool:
+        """Whether vLLM's /metrics are read at all: there is a choice to make or a queue to keep."""
+        return self.routing_load_aware and (len(self.upstream_bases) > 1 or self.routing_admission_on)
 
     @property
     def redis_topology(self) -> "RedisTopology | None":
@@ -131,6 +166,51 @@ def _validate(s: Settings) -> None:
     if s.redis_url is not None:
         check_redis_url(s.redis_url)
     check_redis_topology(s)
+    check_routing(s)
+
+
+ROUTING_STRATEGIES = ("load", "least_busy", "round_robin")
+_INSTANCE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,100}")
+
+
+def check_routing(s: Settings) -> None:
+    """The ROUTING_* settings and GATEWAY_INSTANCE_ID, each refused in one line when out of range."""
+    def finite(name, value):
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+
+    for name, value in (("ROUTING_POLL_INTERVAL", s.routing_poll_interval), ("ROUTING_POLL_TIMEOUT", s.routing_poll_timeout),
+                        ("ROUTING_STALE_AFTER", s.routing_stale_after), ("ROUTING_MAX_KV", s.routing_max_kv),
+                        ("ROUTING_WEIGHT_QUEUE", s.routing_weight_queue),
+                        ("ROUTING_WEIGHT_RUNNING", s.routing_weight_running), ("ROUTING_WEIGHT_KV", s.routing_weight_kv),
+                        ("ROUTING_AFFINITY_SLACK", s.routing_affinity_slack),
+                        ("ROUTING_QUEUE_TIMEOUT", s.routing_queue_timeout)):
+        finite(name, value)
+    if s.routing_strategy not in ROUTING_STRATEGIES:
+        raise ConfigError(f"ROUTING_STRATEGY must be load, least_busy or round_robin, got {s.routing_strategy!r}")
+    if not 0.05 <= s.routing_poll_interval <= 10:
+        raise ConfigError("ROUTING_POLL_INTERVAL must be between 0.05 and 10 seconds")
+    if not 0 < s.routing_poll_timeout <= 10:
+        raise ConfigError("ROUTING_POLL_TIMEOUT must be more than 0 and at most 10 seconds")
+    if not 2 * s.routing_poll_interval <= s.routing_stale_after <= 300:
+        raise ConfigError("ROUTING_STALE_AFTER must be at least twice ROUTING_POLL_INTERVAL and at most 300 seconds")
+    if s.routing_max_waiting < 1:
+        raise ConfigError("ROUTING_MAX_WAITING must be 1 or more")
+    if not 0 < s.routing_max_kv <= 1:
+        raise ConfigError("ROUTING_MAX_KV must be more than 0 and at most 1 (vLLM's KV-cache use is 0..1)")
+    if s.routing_max_inflight < 0:
+        raise ConfigError("ROUTING_MAX_INFLIGHT_PER_REPLICA must be 0 (no cap) or more")
+    if min(s.routing_weight_queue, s.routing_weight_running, s.routing_weight_kv, s.routing_affinity_slack) < 0:
+        raise ConfigError("ROUTING_WEIGHT_QUEUE, ROUTING_WEIGHT_RUNNING, ROUTING_WEIGHT_KV and ROUTING_AFFINITY_SLACK "
+                          "must be 0 or more")
+    if not 16 <= s.routing_affinity_prefix_bytes <= 1024 * 1024:
+        raise ConfigError("ROUTING_AFFINITY_PREFIX_BYTES must be between 16 and 1048576")
+    if s.routing_queue_max < 0:
+        raise ConfigError("ROUTING_QUEUE_MAX must be 0 (refuse at once when every replica is saturated) or more")
+    if not 0 < s.routing_queue_timeout <= 3600:
+        raise ConfigError("ROUTING_QUEUE_TIMEOUT must be more than 0 and at most 3600 seconds")
+    if s.instance_id is not None and not _INSTANCE_ID.fullmatch(s.instance_id):
+        raise ConfigError("GATEWAY_INSTANCE_ID must be 1 to 100 letters, digits or . _ : -")
 
 
 def check_metrics_token(token: str, master_key: str) -> None:
@@ -364,6 +444,28 @@ def _flag(environ, name):
     return environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _switch(environ, name, default):
+    """An on/off setting whose default may be on (or None: decided elsewhere); anything but a
+    clear yes or no is refused rather than guessed."""
+    value = environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be 1 or 0, got {environ.get(name)!r}")
+
+
+def _routing_strategy(environ) -> str:
+    """ROUTING_STRATEGY, else ROUTING_LOAD_AWARE's (0: least_busy); when both are set they must agree."""
+    load_aware = _switch(environ, "ROUTING_LOAD_AWARE", None)
+    strategy = environ.get("ROUTING_STRATEGY", "").strip().lower() or ("least_busy" if load_aware is False else "load")
+    if load_aware is not None and load_aware != (strategy == "load"):
+        raise ConfigError(f"ROUTING_LOAD_AWARE={environ.get('ROUTING_LOAD_AWARE')} contradicts ROUTING_STRATEGY={strategy}")
+    return strategy
+
+
 def redis_url_from(environ) -> str | None:
     """REDIS_URL, else the Sentinel URL REDIS_SENTINELS describes, else DATABASE_URL when it points
     at Redis (Heroku add-ons set either)."""
@@ -427,6 +529,24 @@ def load_settings(environ=None, **overrides) -> Settings:
         spend_log_key_max=_number(env, "SPEND_LOG_KEY_MAX_ENTRIES", 10_000, int),
         spend_log_end_user_max=_number(env, "SPEND_LOG_END_USER_MAX_ENTRIES", 1_000, int),
         budget_default_max_tokens=_number(env, "BUDGET_DEFAULT_MAX_TOKENS", 1024, int),
+        routing_strategy=(strategy := _routing_strategy(env)),
+        routing_load_aware=strategy == "load",
+        routing_poll_interval=_number(env, "ROUTING_POLL_INTERVAL", 0.25),
+        routing_poll_timeout=_number(env, "ROUTING_POLL_TIMEOUT", 0.5),
+        routing_stale_after=_number(env, "ROUTING_STALE_AFTER", 2.0),
+        routing_max_waiting=_number(env, "ROUTING_MAX_WAITING", 8, int),
+        routing_max_kv=_number(env, "ROUTING_MAX_KV", 0.95),
+        routing_max_inflight=_number(env, "ROUTING_MAX_INFLIGHT_PER_REPLICA", 0, int),
+        routing_weight_queue=_number(env, "ROUTING_WEIGHT_QUEUE", 1.0),
+        routing_weight_running=_number(env, "ROUTING_WEIGHT_RUNNING", 1.0),
+        routing_weight_kv=_number(env, "ROUTING_WEIGHT_KV", 2.0),
+        routing_affinity=_switch(env, "ROUTING_AFFINITY", True),
+        routing_affinity_slack=_number(env, "ROUTING_AFFINITY_SLACK", 4.0),
+        routing_affinity_prefix_bytes=_number(env, "ROUTING_AFFINITY_PREFIX_BYTES", 1024, int),
+        routing_admission=_switch(env, "ROUTING_ADMISSION", None),
+        routing_queue_max=_number(env, "ROUTING_QUEUE_MAX", 256, int),
+        routing_queue_timeout=_number(env, "ROUTING_QUEUE_TIMEOUT", 30.0),
+        instance_id=env.get("GATEWAY_INSTANCE_ID", "").strip() or None,
     )
     values.update(overrides)
     return Settings(**values)

@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 import threading
 import time
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest)
+
+from gateway.relay.admission import SHED_REASONS
+from gateway.relay.choice import ROUTE_REASONS
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -54,6 +58,12 @@ UPSTREAM_ERROR_KINDS = (
 )
 # A transport failure failure_kind() cannot name is labelled with its exception's class name:
 # those few are the only upstream kinds that appear with their first event.
+
+# Load-aware routing (gateway/relay/choice.py, admission.py): the decision and shed reasons are
+# fixed sets, created at 0 (for every replica) at start-up like the upstream errors.
+# The figures of vgw_replica_load (set by the worker answering the scrape, from its shared copy).
+LOAD_FIGURES = ("waiting", "running", "kv", "preemption_rate", "prefix_cache_hit_rate", "age")
+_WAIT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 PROBE_DEADLINE = 2.0  # /metrics waits this long at most for the vLLM and Redis probes
 PROBE_REUSE = 1.0     # a finished probe started less than this ago is reused (scrapes cannot multiply probes)
@@ -200,6 +210,20 @@ class Metrics:
                                         ["replica"], multiprocess_mode="livemostrecent", registry=r))
         self.redis_up = Gauge("vgw_redis_up", "1 when Redis (the key store) answers PING",
                               multiprocess_mode="livemostrecent", registry=r)
+        self.route_decisions = _cached(Counter(
+            "vgw_route_decisions_total", "Requests sent to each vLLM replica, by why it was chosen",
+            ["replica", "reason"], registry=r))
+        self.admission_queue = Gauge("vgw_admission_queue_length", "Requests waiting for a replica with room",
+                                     multiprocess_mode="livesum", registry=r)
+        self.admission_shed = _cached(Counter("vgw_admission_shed_total",
+                                              "Requests refused or given up while every replica was saturated",
+                                              ["reason"], registry=r))
+        self.admission_wait = Histogram("vgw_admission_wait_seconds", "Time requests waited in the admission queue",
+                                        buckets=_WAIT_BUCKETS, registry=r)
+        # Shared figures, the same in every worker: the most recent scrape's worker wins.
+        self.replica_load = _cached(Gauge("vgw_replica_load", "vLLM's own load figures as routing sees them "
+                                          "(age in seconds; NaN: none)", ["replica", "figure"],
+                                          multiprocess_mode="livemostrecent", registry=r))
         self.key_alias_label = LabelBudget(MAX_KEY_ALIAS_LABELS)
         self.model_label = LabelBudget(MAX_MODEL_LABELS)
         self.scrape_token = ScrapeToken(None)
@@ -208,6 +232,8 @@ class Metrics:
             self.auth_failures(reason)
         for kind in RATE_LIMIT_KINDS:
             self.rate_limited(kind)
+        for reason in SHED_REASONS:
+            self.admission_shed(reason)
 
     def prepare(self, replicas=(), token: str | None = None) -> None:
         """At start-up, once the worker's services exist: create the upstream-error series of every
@@ -216,6 +242,8 @@ class Metrics:
         for replica in replicas:
             for kind in UPSTREAM_ERROR_KINDS:
                 self.upstream_errors(kind, replica)
+            for reason in ROUTE_REASONS:
+                self.route_decisions(replica, reason)
         self.scrape_token = ScrapeToken(token)
 
     def probe(self, replicas: dict, redis_check) -> None:
@@ -227,7 +255,21 @@ class Metrics:
             self.replica_up(name).set(1 if results[("replica", name)] else 0)
         self.redis_up.set(1 if results[("redis",)] else 0)
 
+    def show_load(self, loads: dict) -> None:
+        """Set vgw_replica_load from {replica: Replicas.load(...) or None} (NaN: unknown)."""
+        for replica, load in loads.items():
+            load = load or {}
+            values = {"waiting": load.get("waiting"), "running": load.get("running"),
+                      "kv": load.get("kv_cache_usage"), "preemption_rate": load.get("preemption_rate"),
+                      "prefix_cache_hit_rate": load.get("prefix_cache_hit_rate"), "age": load.get("age_s")}
+            for figure in LOAD_FIGURES:
+                value = values[figure]
+                self.replica_load(replica, figure).set(math.nan if value is None else value)
+
     # -- hooks ------------------------------------------------------------------------------
+    def route_decision(self, replica: str, reason: str) -> None:
+        self.route_decisions(replica, reason).inc()
+
     def observe_request(self, record, duration: float) -> None:
         route = record.route or "other"
         self.requests(route, method_label(record.method), status_label(record.status)).inc()

@@ -89,3 +89,14 @@ class RedisNames:
 
     def sticky(self, response_id: str) -> str:
         return f"{self.prefix}resp:{response_id}"
+
+    # -- load-aware routing (gateway/relay/loadpoller.py) ---------------------------------------
+    def poller_lease(self, instance_id: str) -> str:
+        """Which worker of a gateway instance reads vLLM's /metrics (a lease of 3 poll intervals)."""
+        return f"{self.prefix}poller:{instance_id}"
+
+    def replica_load(self, replica: str) -> str:
+        """One replica's shared load figures (a hash), named by a digest of its base URL."""
+        import hashlib
+
+        return f"{self.prefix}load:{hashlib.blake2b(replica.encode(), digest_size=8).hexdigest()}"

@@ -15,6 +15,9 @@ a lone surrogate escape, a UTF-8 BOM, UTF-16/32 bodies. It does not check the UT
 skips; vLLM refuses such a body whole, so nothing reaches a model.
 
 Multipart forms are read with python-multipart under Starlette's rules (what vLLM parses with).
+
+`prompt_head` gives the start of a request's prompt as it appears in the body, for prefix
+affinity (gateway/relay/choice.py): for a large body from the parse above (no second parse).
 """
 from __future__ import annotations
 
@@ -54,6 +57,17 @@ class _Message(msgspec.Struct):
     content: msgspec.Raw = msgspec.UNSET
 
 
+class _Prompt(msgspec.Struct):
+    """Where a prompt can be: chat `messages`, completions `prompt`, Responses `input`."""
+    messages: msgspec.Raw = msgspec.UNSET
+    prompt: msgspec.Raw = msgspec.UNSET
+    input: msgspec.Raw = msgspec.UNSET
+
+
+class _Role(msgspec.Struct):
+    role: msgspec.Raw = msgspec.UNSET
+
+
 class _Part(msgspec.Struct):
     text: msgspec.Raw = msgspec.UNSET
 
@@ -62,6 +76,8 @@ _decode_body = msgspec.json.Decoder(_Body).decode
 _decode_message = msgspec.json.Decoder(_Message).decode
 _decode_part = msgspec.json.Decoder(_Part).decode
 _decode_list = msgspec.json.Decoder(list[msgspec.Raw]).decode
+_decode_prompt = msgspec.json.Decoder(_Prompt).decode
+_decode_role = msgspec.json.Decoder(_Role).decode
 
 
 class LeanFields(dict):
@@ -73,6 +89,7 @@ class LeanFields(dict):
         super().__init__()
         self.prompt_chars = 0
         self.message_count = 0
+        self.prompt_source = None  # (Raw, its first elements or None) for prompt_head
 
 
 def top_level_fields(body: bytes) -> dict | None:
@@ -93,9 +110,14 @@ def top_level_fields(body: bytes) -> dict | None:
             if raw is not msgspec.UNSET:
                 fields[name] = _scalar(raw)
         prompt = parsed.prompt if parsed.prompt is not msgspec.UNSET else parsed.input
-        fields.prompt_chars = _prompt_chars(prompt)
-        fields.message_count, message_chars = _messages(parsed.messages)
+        prompt_items = _elements(prompt) if _first(prompt) == b"[" else None
+        fields.prompt_chars = _text_chars(prompt, items=prompt_items)
+        fields.message_count, message_chars, message_items = _messages(parsed.messages)
         fields.prompt_chars += message_chars
+        if parsed.messages is not msgspec.UNSET:
+            fields.prompt_source = (parsed.messages, message_items)
+        elif prompt is not msgspec.UNSET:
+            fields.prompt_source = (prompt, prompt_items)
     # DecodeError includes ValidationError: a body that is not an object.
     except (msgspec.DecodeError, UnicodeDecodeError):
         return None
@@ -133,12 +155,17 @@ def _elements(raw) -> list | None:
     return _decode_list(raw)
 
 
-def _text_chars(raw, part_text=None) -> int:
+_NOT_GIVEN = object()
+
+
+def _text_chars(raw, part_text=None, items=_NOT_GIVEN) -> int:
     """A string's length, or the lengths of an array's strings (taken through `part_text` from
-    each object element when given); an array too long to count costs its bytes."""
+    each object element when given); an array too long to count costs its bytes. `items`: the
+    array's elements when the caller decoded them already."""
     if _first(raw) != b"[":
         return _string_length(raw)
-    items = _elements(raw)
+    if items is _NOT_GIVEN:
+        items = _elements(raw)
     if items is None:
         return _size(raw)
     if part_text is not None:
@@ -146,30 +173,81 @@ def _text_chars(raw, part_text=None) -> int:
     return sum(_string_length(item) for item in items)
 
 
-def _prompt_chars(raw) -> int:
-    """`prompt`/`input`: a string's length, or the lengths of an array's strings."""
-    return _text_chars(raw)
-
-
-def _messages(raw) -> tuple[int, int]:
-    """The number of messages and the characters of their text content."""
+def _messages(raw) -> tuple[int, int, list | None]:
+    """The number of messages, the characters of their text content, and the messages (as Raw;
+    None when there are too many to count)."""
     if _first(raw) != b"[":
-        return 0, 0
+        return 0, 0, None
     items = _elements(raw)
     if items is None:
         # Too many to count one by one: every message is at least `{}`, and its text at most
         # its bytes.
-        return 0, _size(raw)
+        return 0, _size(raw), None
     chars = 0
     for item in items:
         if _first(item) == b"{":
             chars += _content_chars(_decode_message(item).content)
-    return len(items), chars
+    return len(items), chars, items
 
 
 def _content_chars(raw) -> int:
     """A message's `content`: a string's length, or the lengths of its parts' `text`."""
     return _text_chars(raw, lambda part: _decode_part(part).text)
+
+
+# -- the start of the prompt, for prefix affinity ----------------------------------------------
+
+# A conversation's turns repeat its first messages; these are looked at for the first user one.
+HEAD_MESSAGES = 8
+
+
+def prompt_head(body: bytes, fields: dict | None, limit: int) -> bytes | None:
+    """The start of the request's prompt as it appears in the body, stable across the turns of
+    one conversation, or None when the body has none (not JSON, no prompt).
+
+    The prompt is `messages`, else `prompt`, else `input`. An array of objects (chat messages,
+    Responses input items) gives its messages up to and including the first with role "user"
+    (looked for among the first HEAD_MESSAGES; none found: the first message alone), each cut
+    to `limit` bytes: a later turn appends to the conversation, so this part stays the same,
+    while two conversations that share only a system prompt differ in their first user
+    message. Anything else (a string, token ids, a list of prompts) gives its first `limit`
+    bytes. A large body's prompt comes from its one parse (LeanFields.prompt_source); a small
+    one is decoded here with msgspec, which skips every other field."""
+    if not fields:
+        return None
+    if isinstance(fields, LeanFields):
+        if fields.prompt_source is None:
+            return None
+        raw, items = fields.prompt_source
+    else:
+        if not any(name in fields for name in ("messages", "prompt", "input")):
+            return None
+        try:
+            parsed = _decode_prompt(body)
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            return None
+        raw = next((r for r in (parsed.messages, parsed.prompt, parsed.input) if r is not msgspec.UNSET), None)
+        if raw is None:
+            return None
+        items = _elements(raw) if _first(raw) == b"[" else None
+    if items and _first(items[0]) == b"{":
+        head = []
+        for item in items[:HEAD_MESSAGES]:
+            head.append(bytes(memoryview(item)[:limit]))
+            if _is_user(item):
+                break
+        else:
+            head = head[:1]
+        return b"\0".join(head)
+    return bytes(memoryview(raw)[:limit]) or None
+
+
+def _is_user(item) -> bool:
+    try:
+        role = _decode_role(item).role
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return False
+    return role is not msgspec.UNSET and bytes(role) == b'"user"'
 
 
 def body_fields(body: bytes, content_type: str | None) -> dict | None:

@@ -18,7 +18,8 @@ from gateway.core.errors import GatewayError
 from gateway.core.metrics import route_group
 from gateway.keys import policy
 from gateway.keys.fields import encodable
-from gateway.relay.bodyfields import body_fields
+from gateway.relay.bodyfields import body_fields, prompt_head
+from gateway.relay.choice import session_key
 from gateway.relay.disconnect import interrupt_wait_on_hang_up
 from gateway.relay.replicas import creates_response, response_id_in, sticky_id
 from gateway.relay.response import RelayedBody, read_small_body, response_headers
@@ -60,6 +61,15 @@ def end_user_of(environ, fields: dict | None) -> str | None:
     return None
 
 
+def affinity_key(environ, fields: dict | None, end_user: str | None, body: bytes, prefix_bytes: int) -> str | None:
+    """The request's session key for prefix affinity (gateway/relay/choice.py session_key)."""
+    header = environ.get("HTTP_X_SESSION_ID") or environ.get("HTTP_X_CONVERSATION_ID")
+    previous = fields.get("previous_response_id") if fields else None
+    if header or (isinstance(previous, str) and previous) or end_user:
+        return session_key(header, previous, end_user, None)
+    return session_key(None, None, None, prompt_head(body, fields, prefix_bytes))
+
+
 def request_fields(body: bytes, content_type: str | None, forms: bool) -> dict | None:
     """The body's top-level fields when it is JSON (or, if `forms`, a multipart form)."""
     if not body:
@@ -74,7 +84,7 @@ class Exchange:
     """One /vllm request from admission to accounting."""
 
     __slots__ = ("passthrough", "record", "identity", "path", "fields", "end_user", "slot", "hold", "tap",
-                 "replica", "capture_id", "finished", "_used")
+                 "replica", "route", "queued", "capture_id", "finished", "_used")
 
     def __init__(self, passthrough, record, identity, path):
         self.passthrough = passthrough
@@ -89,6 +99,8 @@ class Exchange:
         self.hold = None  # the request's budget reservation, settled by accounting
         self.tap = None
         self.replica = None
+        self.route = None   # why that replica (choice.ROUTE_REASONS)
+        self.queued = 0.0   # seconds waited in the admission queue
         self.capture_id = False
 
     def on_chunk(self, chunk: bytes) -> None:
@@ -160,6 +172,10 @@ class Exchange:
             "error": record.error,
         }
         record.extra = {"model": usage.model, "total_tokens": usage.total_tokens}
+        if self.replica is not None:
+            record.extra.update(replica=self.replica.name, route=self.route)
+        if self.queued:
+            record.extra["queued_ms"] = round(self.queued * 1000, 2)
         accounting.record(entry, key, self.slot, self.hold)
         metrics = self.passthrough.metrics
         alias = entry["key_alias"] or ("master" if self.identity.is_master else "(no alias)")
@@ -172,8 +188,9 @@ class Passthrough:
     """Forwards `/vllm/<path>` to vLLM untranslated; one instance per worker."""
 
     def __init__(self, replicas, upstream_auth: str | None, authenticator, max_body_bytes: int,
-                 accounting, limiter, metrics, body_timeout: float = 30.0, budgets=None):
+                 accounting, limiter, metrics, body_timeout: float = 30.0, budgets=None, admission=None):
         self.metrics = metrics
+        self.admission = admission  # the queue in front of saturated replicas (None: off)
         self.replicas = replicas
         self.upstream_auth = upstream_auth
         self.authenticator = authenticator
@@ -197,12 +214,22 @@ class Passthrough:
             headers = forward_headers(environ, self._upstream_id(environ, record), self.upstream_auth)
             replicas = self.replicas
             response_id = None if replicas.single else sticky_id(method, path, exchange.fields)
+            session = None
+            if response_id is None and replicas.wants_affinity:
+                session = affinity_key(environ, exchange.fields, exchange.end_user, body,
+                                       replicas.policy.affinity_prefix_bytes)
+            if self.admission is not None and method == "POST":
+                # Only inference (a POST) waits for a replica with room; the key's slot and budget
+                # hold stay taken meanwhile and are given back by the error path if it never goes.
+                exchange.queued = self.admission.enter(identity.token or "master", environ.get("gunicorn.socket"))
+            decided = replicas.decide(response_id, session)
             stop_watching = interrupt_wait_on_hang_up(environ.get("gunicorn.socket"))
             try:
-                exchange.replica, resp = replicas.send(method, path, query, headers, body, response_id)
+                exchange.replica, resp = replicas.send(method, path, query, headers, body, decided=decided)
             finally:
                 if stop_watching is not None:
                     stop_watching()
+            exchange.route = decided[1] if exchange.replica is decided[0][0] else "failover"
             exchange.capture_id = not replicas.single and creates_response(method, path)
             return self._answer(resp, method, exchange, environ.get("gunicorn.socket"))
         except Exception as exc:

@@ -1,7 +1,9 @@
 """What a vLLM replica says about its own load, read from its Prometheus `/metrics`.
 
-The figures the console's Replicas page shows (and load-aware routing can score on):
-requests running and waiting, KV-cache use (0..1) and preemptions so far. vLLM labels its series
+The figures the console's Replicas page shows and load-aware routing scores on
+(gateway/relay/loadpoller.py): requests running and waiting, KV-cache use (0..1), preemptions so
+far, and the prefix cache's hits and queries so far (tokens; their ratio shows whether prefix
+affinity pays). vLLM labels its series
 by `model_name` and, when it runs data-parallel, by `engine`: each figure is summed over every
 series of its name (KV-cache use is averaged, being a share per engine). Older vLLM names the
 KV-cache figure `vllm:gpu_cache_usage_perc`.
@@ -23,6 +25,8 @@ _SUMMED = {
     "requests_running": ("vllm:num_requests_running",),
     "requests_waiting": ("vllm:num_requests_waiting",),
     "preemptions_total": ("vllm:num_preemptions_total",),
+    "prefix_cache_hits_total": ("vllm:prefix_cache_hits_total",),
+    "prefix_cache_queries_total": ("vllm:prefix_cache_queries_total",),
 }
 _AVERAGED = {"kv_cache_usage": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")}
 FIGURES = (*_SUMMED, *_AVERAGED)

@@ -1,5 +1,6 @@
-// Operator: each vLLM replica as the gateway sees it (state, in flight, last error) and as it
-// reports itself on its /metrics (requests running and waiting, KV-cache use).
+// Operator: each vLLM replica as the gateway sees it (state, in flight, last error), as it
+// reports itself on its /metrics (requests running and waiting, KV-cache use), and the shared
+// figures load-aware routing decides on, with their age.
 
 import {describe, get} from "./api.js";
 import {dataTable, fmtInt, fmtPercent, fmtTime, h} from "./dom.js";
@@ -11,6 +12,24 @@ const NOT_REPORTED = "not reported";
 function figure(vllm, name, format) {
   if (!vllm || vllm[name] === null || vllm[name] === undefined) return NOT_REPORTED;
   return format(vllm[name]);
+}
+
+// What routing sees of a replica: how old its shared figures are, and whether it is saturated.
+function routingFigures(replica) {
+  const load = replica.load;
+  if (!load) return "load-aware routing off";
+  if (load.age_s === null || load.age_s === undefined) return "none yet";
+  const age = `${Number(load.age_s).toFixed(1)} s old`;
+  if (!load.fresh) return `${age} (stale: ignored)`;
+  return load.saturated ? `${age}, saturated (${load.saturated})` : `${age}, has room`;
+}
+
+function routingSummary(routing) {
+  if (!routing) return h("p", {class: "muted", id: "routing-summary"}, "");
+  const parts = [routing.load_aware ? "Routing on vLLM's own load" : "Routing to the replica with the fewest requests in flight"];
+  if (routing.load_aware) parts.push(routing.affinity ? "conversation affinity on" : "affinity off");
+  if (routing.queue) parts.push(`admission queue in this worker: ${fmtInt(routing.queue.length)} of ${fmtInt(routing.queue.max)}`);
+  return h("p", {class: "muted", id: "routing-summary"}, `${parts.join("; ")}.`);
 }
 
 export async function render(root, ctx) {
@@ -38,7 +57,10 @@ export async function render(root, ctx) {
         {label: "KV-cache use", numeric: true, cell: (r) => figure(r.vllm, "kv_cache_usage", fmtPercent)},
         {label: "Preemptions", numeric: true, cell: (r) => figure(r.vllm, "preemptions_total", fmtInt)},
         {label: "vLLM metrics", cell: (r) => (r.vllm && r.vllm.error ? `unreadable: ${r.vllm.error}` : "read")},
-      ], replicas, {empty: "No replica configured.", className: "replicas-table"}));
+        {label: "Routing figures", cell: routingFigures},
+        {label: "Prefix-cache hits", numeric: true, cell: (r) => figure(r.load, "prefix_cache_hit_rate", fmtPercent)},
+      ], replicas, {empty: "No replica configured.", className: "replicas-table"}),
+      routingSummary(data.routing));
       updated.textContent = `Updated ${fmtTime(new Date().toISOString())}`;
     } catch (error) {
       if (!current()) return;
