@@ -314,6 +314,10 @@ class Passthrough:
             exchange.on_chunk(small)
             resp.close()
             exchange.hold_real_cost()
+            if exchange.slot is not None:
+                # vLLM's work is done: free the parallel slot before the caller has the answer, so
+                # its next request (often sent the moment this one arrives) never finds it taken.
+                self.limiter.release(exchange.slot)
             return Relayed(status_line, headers, [small], exchange.close)
         record.stream = True
         self.metrics.streams_open.inc()
