@@ -218,11 +218,12 @@ class Passthrough:
             if response_id is None and replicas.wants_affinity:
                 session = affinity_key(environ, exchange.fields, exchange.end_user, body,
                                        replicas.policy.affinity_prefix_bytes)
-            if self.admission is not None and method == "POST":
+            decided = replicas.decide(response_id, session)
+            if self._must_queue(method, decided[1]):
                 # Only inference (a POST) waits for a replica with room; the key's slot and budget
                 # hold stay taken meanwhile and are given back by the error path if it never goes.
                 exchange.queued = self.admission.enter(identity.token or "master", environ.get("gunicorn.socket"))
-            decided = replicas.decide(response_id, session)
+                decided = replicas.decide(response_id, session)  # the figures moved while it waited
             stop_watching = interrupt_wait_on_hang_up(environ.get("gunicorn.socket"))
             try:
                 exchange.replica, resp = replicas.send(method, path, query, headers, body, decided=decided)
@@ -244,6 +245,15 @@ class Passthrough:
                 exc.headers = {**exchange.slot.headers, **exc.headers}
             exchange.finish(status=status)
             raise
+
+    def _must_queue(self, method: str, reason: str) -> bool:
+        """Whether the request goes through the admission queue: the choice already says when
+        every replica is saturated ("saturated"), so the common case costs no second look at the
+        figures; a queue that holds others is never overtaken; a sticky call (its replica fixed)
+        asks the queue itself."""
+        if self.admission is None or method != "POST":
+            return False
+        return bool(self.admission.length) or reason in ("saturated", "sticky")
 
     @staticmethod
     def _upstream_id(environ, record) -> str:
