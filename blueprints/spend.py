@@ -87,8 +87,8 @@ def _by_current_key(series: list[dict]) -> list[dict]:
 def _add_series(into: dict, entry: dict) -> None:
     for name in ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "spend"):
         into[name] = [a + b for a, b in zip(into[name], entry[name])]
-        into["totals"] = {**into["totals"], name: into["totals"][name] + entry["totals"][name]}
     into["spend"] = [round(v, 10) for v in into["spend"]]
+    into["totals"] = {name: into["totals"][name] + entry["totals"][name] for name in into["totals"]}
     into["totals"]["spend"] = round(into["totals"]["spend"], 10)
 
 
