@@ -33,7 +33,10 @@ vLLM refuses one longer than its context).
 Prefix cache: the prompt's tokens (the fake's usual words) are hashed per full
 block, each hash chained to the previous one; when a request's prefill ends
 its blocks' hashes enter an LRU of ``--prefix-cache-blocks`` entries (default
-``--kv-blocks``; 0 turns it off).  At admission the leading blocks found there
+``--kv-blocks``; 0 turns it off), and when it finishes so do the full blocks of
+its prompt followed by what it generated (``tok0 tok1 ...``, the words it
+streams), as vLLM's automatic prefix caching keeps decoded blocks: a client
+that sends the answer back in its next turn hits the cache up to there.  At admission the leading blocks found there
 skip prefill (at least one prompt token is always computed, like vLLM);
 ``vllm:prefix_cache_queries_total`` counts the prompt tokens looked up and
 ``vllm:prefix_cache_hits_total`` those found.  The LRU evicts a prompt's tail
@@ -53,7 +56,7 @@ import threading
 import time
 import traceback
 
-__all__ = ["LoadConfig", "LoadModel", "Engine", "Seq", "block_hashes"]
+__all__ = ["LoadConfig", "LoadModel", "Engine", "Seq", "block_hashes", "generated_tokens"]
 
 WAITING, RUNNING, FINISHED, ABORTED = "waiting", "running", "finished", "aborted"
 MAX_WAIT = 3600.0  # a handler gives up on its engine after this long (a wedged engine)
@@ -110,6 +113,11 @@ def block_hashes(tokens, block_size):
     return out
 
 
+def generated_tokens(n):
+    """The tokens a request of ``n`` output tokens generates: the words the fake streams."""
+    return ["tok%d" % i for i in range(n)]
+
+
 def _blocks(tokens, block_size):
     return -(-tokens // block_size)
 
@@ -117,13 +125,14 @@ def _blocks(tokens, block_size):
 class Seq:
     """One request in an engine: ``n`` tokens to generate after ``prompt`` tokens."""
 
-    __slots__ = ("engine", "prompt", "n", "hashes", "generated", "blocks", "state",
+    __slots__ = ("engine", "prompt", "n", "tokens", "hashes", "generated", "blocks", "state",
                  "prefill", "fresh", "admitted")
 
-    def __init__(self, engine, prompt, n, hashes):
+    def __init__(self, engine, tokens, n, hashes):
         self.engine = engine
-        self.prompt = prompt
+        self.prompt = len(tokens)
         self.n = n
+        self.tokens = tokens
         self.hashes = hashes
         self.generated = 0
         self.blocks = 0
@@ -182,7 +191,7 @@ class Engine:
 
     def submit(self, tokens, n):
         """Queue a request of prompt ``tokens`` (a list) producing ``n`` tokens."""
-        seq = Seq(self, len(tokens), n, block_hashes(tokens, self.cfg.block_size))
+        seq = Seq(self, list(tokens), n, block_hashes(tokens, self.cfg.block_size))
         with self._lock:
             self.waiting.append(seq)
             self._work.notify()
@@ -301,6 +310,7 @@ class Engine:
         for seq in done:
             self.running.remove(seq)
             self._free(seq)
+            self._remember(seq, generated_tokens(seq.n))
             seq.state = FINISHED
             counters["requests"] += 1
         self._progress.notify_all()
@@ -331,14 +341,17 @@ class Engine:
         self.hits += hit
         return hit
 
-    def _remember(self, seq):
+    def _remember(self, seq, generated=None):
+        """Cache the prompt's full blocks; with ``generated`` (at the end), those of the prompt
+        followed by the generated tokens."""
         cap = self.cfg.prefix_cache_blocks
         if not cap:
             return
         cache = self.cache
+        hashes = seq.hashes if generated is None else block_hashes(seq.tokens + generated, self.cfg.block_size)
         # Newest-first so that the tail blocks of a prompt are evicted first (as vLLM frees
         # them): a chained lookup can still hit the leading ones.
-        for h in reversed(seq.hashes):
+        for h in reversed(hashes):
             if h in cache:
                 cache.move_to_end(h)
             else:

@@ -19,7 +19,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from fakevllm.engine import ABORTED, FINISHED, RUNNING, WAITING, Engine, LoadConfig
+from fakevllm.engine import ABORTED, FINISHED, RUNNING, WAITING, Engine, LoadConfig, generated_tokens
 from fakevllm.payloads import load_metrics_text
 from tests.conftest import FakeVLLM, wait_until
 
@@ -310,6 +310,23 @@ def test_time_to_first_token_grows_with_queue_position(start_fake):
     assert ttft[0] < 0.15 and ttft[1] > ttft[0] + 0.1 and ttft[2] > ttft[1] + 0.1, ttft
     # vLLM sends a queued stream's headers at once; only the events wait.
     assert streams[2].headers_at < ttft[2] - 0.1, (streams[2].headers_at, ttft[2])
+
+
+def test_a_finished_request_caches_what_it_generated_so_the_next_turn_hits_past_its_prompt():
+    e = engine(block_size=4, prefill_ms_per_token=1, decode_ms_per_token=0)
+    prompt = [f"w{i}" for i in range(6)]
+    first = e.submit(prompt, 6)
+    while first.state != FINISHED:
+        run_step(e)
+    # The next turn sends the answer back (the words the fake streamed), then a question:
+    # prompt (6) + answer (6) = 3 full blocks cached; only one is prompt alone.
+    follow = e.submit(prompt + generated_tokens(6) + ["q1", "q2"], 1)
+    run_step(e)
+    assert follow.prefill == 14 - 12 and e.hits == 12
+    # A different answer in between shares only the prompt's one full block.
+    other = e.submit(prompt + ["x"] * 6 + ["q1", "q2"], 1)
+    run_step(e)
+    assert other.prefill == 14 - 4
 
 
 def test_a_repeated_long_prefix_gets_a_shorter_first_token_and_counts_hits(start_fake):
