@@ -16,7 +16,8 @@ Starts, all on 127.0.0.1 free ports, and stops at the end:
   next turn leaves after the previous answer and a think time), alternating between the two
   instances, and samples every replica's /metrics every 100 ms.
 
-Traffic: multi-turn conversations (a long system prompt of their own, turns whose messages grow,
+Traffic: multi-turn conversations (chats of four applications: each begins with its application's
+long system prompt, then turns whose messages grow, each earlier answer sent back as received;
 `x-session-id` per conversation) and one-shot requests (distinct prompts), over N virtual keys;
 streaming with `stream_options.include_usage`; output length set with `x-fake-chunks`. The same
 script (same seed) for every strategy; the fakes' prefix caches are emptied and the fakes idle
@@ -52,6 +53,7 @@ import time
 from pathlib import Path
 
 from bench import procs
+from fakevllm.engine import generated_tokens
 
 STRATEGIES = ("round_robin", "least_busy", "load")
 CHAT = "/vllm/v1/chat/completions"
@@ -78,6 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--multi-turn-share", type=float, default=0.6, help="share of requests that are conversation turns")
     p.add_argument("--output-tokens", default=None, metavar="MIN-MAX",
                    help="output length of each request, uniform (default %d-%d)" % SIZES["out"])
+    p.add_argument("--long-share", type=float, default=0.0,
+                   help="share of requests with a long answer (%d-%d tokens)" % SIZES["long_out"])
     p.add_argument("--keys", type=int, default=None, help="virtual keys the traffic is spread over (6; quick 3)")
     p.add_argument("--overload-seconds", type=float, default=None, help="arrival window of the overload phase (15; quick 3; 0: none)")
     p.add_argument("--overload-rate", type=float, default=None, help="offered requests/s in the overload phase (28; quick 20)")
@@ -143,12 +147,12 @@ def parse_args(argv=None):
 
 # -- the traffic script -------------------------------------------------------------------------
 
-SIZES = {"system": (500, 900), "turns": (3, 6), "user": (15, 50), "out": (16, 64), "think_mean": 1.0,
+SIZES = {"system": (500, 900), "apps": 4, "turns": (3, 6), "user": (15, 50), "out": (16, 64), "long_out": (256, 512), "think_mean": 1.0,
          "think_max": 4.0, "oneshot": (200, 900)}
 
 
 def make_script(seed: int, seconds: float, rate: float, mt_share: float, keys: int,
-                heavy_share: float | None = None, out: tuple = SIZES["out"]) -> dict:
+                heavy_share: float | None = None, out: tuple = SIZES["out"], long_share: float = 0.0) -> dict:
     """The seeded traffic: conversations (start time, key, system prompt, turns) and one-shot
     requests (time, key, prompt), each request with its output length. `heavy_share`: key 0 sends
     that share of everything (the rest spread evenly), else every key alike."""
@@ -158,55 +162,69 @@ def make_script(seed: int, seconds: float, rate: float, mt_share: float, keys: i
     def words(bounds):
         return rng.choices(vocab, k=rng.randint(*bounds))
 
+    def out_len():
+        if long_share and rng.random() < long_share:
+            return rng.randint(*SIZES["long_out"])
+        return rng.randint(*out)
+
     def key():
         if heavy_share is not None and keys > 1:
             return 0 if rng.random() < heavy_share else rng.randrange(1, keys)
         return rng.randrange(keys)
 
+    # Conversations are chats of a few applications: each starts with its application's system
+    # prompt (a prefix shared across conversations), then its own turns.
+    apps = [words(SIZES["system"]) for _ in range(SIZES["apps"])]
     mean_turns = sum(SIZES["turns"]) / 2
     conv_rate = rate * mt_share / mean_turns
     conversations, t = [], rng.expovariate(conv_rate) if conv_rate else math.inf
     while t < seconds:
-        turns = [{"user": words(SIZES["user"]), "out": rng.randint(*out),
+        turns = [{"user": words(SIZES["user"]), "out": out_len(),
                   "think": min(rng.expovariate(1 / SIZES["think_mean"]), SIZES["think_max"])}
                  for _ in range(rng.randint(*SIZES["turns"]))]
-        conversations.append({"id": len(conversations), "start": t, "key": key(), "system": words(SIZES["system"]),
+        conversations.append({"id": len(conversations), "start": t, "key": key(), "system": rng.choice(apps),
                               "turns": turns})
         t += rng.expovariate(conv_rate)
     one_rate = rate * (1 - mt_share)
     oneshots, t = [], rng.expovariate(one_rate) if one_rate else math.inf
     while t < seconds:
         oneshots.append({"id": len(oneshots), "at": t, "key": key(), "prompt": words(SIZES["oneshot"]),
-                         "out": rng.randint(*out)})
+                         "out": out_len()})
         t += rng.expovariate(one_rate)
     return {"conversations": conversations, "oneshots": oneshots}
 
 
 def conversation_messages(conv: dict, upto: int) -> list:
     """The messages of turn `upto` (0-based): system, then each earlier turn's user message and
-    the answer (the script's words, as long as that turn's output), then this turn's question."""
+    its answer as the client received it (the fake streams `tok0 tok1 ...`, as many as asked),
+    then this turn's question."""
     messages = [{"role": "system", "content": " ".join(conv["system"])}]
     for i, turn in enumerate(conv["turns"][:upto + 1]):
         messages.append({"role": "user", "content": " ".join(turn["user"])})
         if i < upto:
-            answer = conv["system"][i * 7:i * 7 + turn["out"]]  # deterministic words of that length
-            messages.append({"role": "assistant", "content": " ".join(f"a{w}" for w in answer)})
+            messages.append({"role": "assistant", "content": " ".join(generated_tokens(turn["out"]))})
     return messages
 
 
 def script_stats(script: dict) -> dict:
     """Requests and prompt tokens (the fake counts words), and the multi-turn prefix-cache ceiling:
-    what a replica that saw every earlier turn of a conversation could serve from its prefix cache
-    (the fake caches prompt blocks, not generated ones, and the first turn never hits)."""
+    what one replica serving every conversation could serve from an unbounded prefix cache: a
+    turn's full blocks up to the end of the previous turn's answer, and a first turn's system
+    prompt once an earlier conversation of the same application began with it."""
     mt_requests = mt_tokens = cacheable = 0
-    for conv in script["conversations"]:
+    seen_apps = set()
+    for conv in sorted(script["conversations"], key=lambda c: c["start"]):
         previous = 0
-        for k in range(len(conv["turns"])):
+        for k, turn in enumerate(conv["turns"]):
             prompt = sum(len(m["content"].split()) for m in conversation_messages(conv, k))
             mt_requests += 1
             mt_tokens += prompt
-            cacheable += min(previous // BLOCK * BLOCK, prompt - 1) if k else 0
-            previous = prompt
+            if k:
+                cacheable += min(previous // BLOCK * BLOCK, prompt - 1)
+            elif tuple(conv["system"]) in seen_apps:
+                cacheable += len(conv["system"]) // BLOCK * BLOCK
+            previous = prompt + turn["out"]
+        seen_apps.add(tuple(conv["system"]))
     one_tokens = sum(len(o["prompt"]) for o in script["oneshots"])
     return {"conversations": len(script["conversations"]), "multi_turn_requests": mt_requests,
             "oneshot_requests": len(script["oneshots"]), "requests": mt_requests + len(script["oneshots"]),
@@ -775,8 +793,9 @@ def markdown(report: dict) -> str:
             f"| {' / '.join(fmt(w) for w in f['max_waiting'])} | {' / '.join(fmt(n) for n in f['replica_requests'])} "
             f"| {fmt(f['busy_cores'], 2)} |")
     lines += ["", f"Multi-turn prefix-hit ceiling of this script: {report['traffic']['multi_turn_hit_ceiling']} "
-              "(the share of conversation prompt tokens an ideal router could serve from cache: the fake caches "
-              "prompt blocks, not generated ones, and a conversation's first turn cannot hit).", ""]
+              "(the share of conversation prompt tokens one replica with an unbounded prefix cache could serve "
+              "from it: each turn up to the end of the previous answer, a first turn its application's system "
+              "prompt once seen).", ""]
     if report["ratios"]:
         lines += ["| ratio (median of per-round ratios) | value |", "|---|---|"]
         lines += [f"| {k} | {fmt(v, 2)} |" for k, v in report["ratios"].items()]
@@ -856,7 +875,7 @@ def main(argv=None) -> int:
     logdir = Path(tempfile.mkdtemp(prefix="bench-routing-"))
     bench = Bench(args, logdir)
     script = dict(seed=args.seed, seconds=args.seconds, rate=args.rate, mt_share=args.multi_turn_share, keys=args.keys,
-                  out=args.output_tokens)
+                  out=args.output_tokens, long_share=args.long_share)
     overload_script = dict(script, seed=args.seed + 1, seconds=args.overload_seconds, rate=args.overload_rate,
                            heavy_share=0.5)
     traffic = script_stats(make_script(**script))
