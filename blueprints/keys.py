@@ -3,6 +3,7 @@ routes a key's holder may call about that key alone: GET /key/info and GET /key/
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 
 from flask import Blueprint, g, jsonify, request
 
@@ -15,9 +16,9 @@ from gateway.core.errors import GatewayError
 from gateway.core.redisconn import REDIS_ERRORS, unavailable
 from gateway.core.timefmt import iso
 from gateway.keys.auth import Identity, credential_from, hash_key
-from gateway.keys.fields import KEY_FIELDS, encodable, reject_unknown, require_object, validate_fields
+from gateway.keys.fields import KEY_FIELDS, MONEY_FIELDS, encodable, reject_unknown, require_object, validate_fields
 from gateway.keys.store import KeyStore
-from gateway.usage.usagecounters import INTERVALS
+from gateway.usage.usagecounters import INTERVALS, in_dollars
 
 bp = Blueprint("keys", __name__, url_prefix="/key")
 
@@ -56,15 +57,19 @@ def store():
 
 
 def json_body() -> dict:
-    """The request's JSON object; an empty body counts as {}."""
+    """The request's JSON object; an empty body counts as {}. Money fields are taken from a
+    second, exact parse (Decimal): 0.1 must not arrive as the double nearest 0.1."""
     raw = request.get_data(cache=True)
     if not raw.strip():
         return {}
     try:
-        payload = json.loads(raw)
+        payload = require_object(json.loads(raw))
+        if any(isinstance(payload.get(name), float) for name in MONEY_FIELDS):
+            exact = json.loads(raw, parse_float=Decimal)
+            payload.update({name: exact[name] for name in MONEY_FIELDS if isinstance(payload.get(name), float)})
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
         raise GatewayError(400, "the body must be valid JSON") from None
-    return require_object(payload)
+    return payload
 
 
 def public(record: dict, totals: dict | None = None) -> dict:
@@ -145,7 +150,7 @@ def usage():
         report = services().accounting.log.counters.key_report(tokens, interval, start, end)
     except REDIS_ERRORS:
         raise unavailable() from None
-    return jsonify({"key": record["token"], "key_alias": record.get("key_alias"), **report})
+    return jsonify({"key": record["token"], "key_alias": record.get("key_alias"), **in_dollars(report)})
 
 
 @bp.get("/list")

@@ -10,7 +10,7 @@ from blueprints.audit import master_only
 from gateway.core.errors import GatewayError
 from gateway.core.redisconn import REDIS_ERRORS, unavailable
 from gateway.keys.store import KeyStore
-from gateway.usage.usagecounters import GROUPINGS, INTERVALS, MASTER_BUCKET
+from gateway.usage.usagecounters import GROUPINGS, INTERVALS, MASTER_BUCKET, in_dollars
 
 bp = Blueprint("spend", __name__)
 
@@ -59,13 +59,13 @@ def spend_report():
             report["series"] = _by_current_key(report["series"])
     except REDIS_ERRORS:
         raise unavailable() from None
-    return jsonify(report)
+    return jsonify(in_dollars(report))
 
 
 def _by_current_key(series: list[dict]) -> list[dict]:
     """Key series as keys are now: a regenerated key's old token is added to the key it became
     (one series per key, not per token), and each series names its key's alias (None for the
-    master key, "other" and keys gone)."""
+    master key, "other" and keys gone). Spend is still nano-dollars here: the sums are exact."""
     store = services().keystore
     current = store.current_tokens([s["group"] for s in series if s["group"] not in (None, MASTER_BUCKET)])
     merged: dict = {}
@@ -87,9 +87,7 @@ def _by_current_key(series: list[dict]) -> list[dict]:
 def _add_series(into: dict, entry: dict) -> None:
     for name in ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "spend"):
         into[name] = [a + b for a, b in zip(into[name], entry[name])]
-    into["spend"] = [round(v, 10) for v in into["spend"]]
     into["totals"] = {name: into["totals"][name] + entry["totals"][name] for name in into["totals"]}
-    into["totals"]["spend"] = round(into["totals"]["spend"], 10)
 
 
 @bp.get("/end_user/info")

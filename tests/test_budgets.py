@@ -1,6 +1,5 @@
 """Budget reservations through the gateway: taken after the model check, refused with the usual
 400 envelope, given back when the request fails or is refused, on fakeredis and the real Redis."""
-import pytest
 
 from tests.conftest import MASTER, TEST_PRICES, build_app, gateway_environ
 
@@ -14,10 +13,11 @@ def make_key(client, **fields):
     return created, {"Authorization": f"Bearer {created['key']}"}
 
 
-def budget_state(client, token):
+def budget_state(client, token) -> tuple[int, int]:
+    """(budget-period spend, reserved) in nano-dollars, as Redis holds them."""
     services = client.application.extensions["gateway"]
     spend = services.redis.hgetall(services.accounting.names.key_spend(token))
-    return float(spend.get("budget_spend", 0)), float(spend.get("reserved", 0))
+    return int(spend.get("budget_spend_nanos", 0)), int(spend.get("reserved_nanos", 0))
 
 
 def test_the_reservation_refuses_what_the_budget_cannot_cover(kclient, vllm):
@@ -33,7 +33,7 @@ def test_the_reservation_refuses_what_the_budget_cannot_cover(kclient, vllm):
     assert vllm.requests() == []
     # a smaller bound still fits: 0.026 + 0.008 + 0.004 <= 0.05
     assert kclient.post("/vllm/v1/chat/completions", headers=auth, json={**BOUNDED, "max_tokens": 2}).status_code == 200
-    assert budget_state(kclient, created["token"]) == (pytest.approx(0.033), 0)  # 3 + 2 tokens
+    assert budget_state(kclient, created["token"]) == (33_000_000, 0)  # 0.033: 3 + 2 tokens
 
 
 def test_a_request_refused_by_the_model_check_reserves_nothing(kclient):
@@ -66,7 +66,7 @@ def test_a_key_without_max_budget_reserves_nothing(kclient):
     created, auth = make_key(kclient)
     assert kclient.post("/vllm/v1/chat/completions", headers=auth, json=BOUNDED).status_code == 200
     services = kclient.application.extensions["gateway"]
-    assert "reserved" not in services.redis.hgetall(services.accounting.names.key_spend(created["token"]))
+    assert "reserved_nanos" not in services.redis.hgetall(services.accounting.names.key_spend(created["token"]))
 
 
 def test_a_workers_slots_and_budget_holds_share_one_lease_renewer(kclient):

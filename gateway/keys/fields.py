@@ -1,10 +1,9 @@
 """Validation of the fields a virtual key carries; every error names its field (400)."""
 from __future__ import annotations
 
-import math
-
 from gateway.core.durations import parse_duration
 from gateway.core.errors import GatewayError
+from gateway.usage.money import api_nanos, as_json
 
 MAX_TEXT = 256
 MAX_LIST = 1000
@@ -55,15 +54,15 @@ def _count(field, value):
 
 
 def _money(field, value):
+    """Dollars, read exactly (the API parses money fields as Decimal), kept as the JSON number
+    that prints as exactly that decimal (gateway/usage/money.py: at most 9 decimal places and
+    15 significant digits, so nothing is rounded on the way in or out)."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _bad(field, "must be a number or null")
-    if abs(value) > 1e15 or not math.isfinite(value):  # 10**400 has no float: check the size first
-        raise _bad(field, "must be a finite number below 10^15")
-    if value < 0:
-        raise _bad(field, "must not be negative")
-    return float(value)
+    try:
+        return as_json(api_nanos(value))
+    except ValueError as exc:
+        raise _bad(field, str(exc)) from None
 
 
 def _duration(field, value):
@@ -111,6 +110,8 @@ def _blocked(field, value):
         raise _bad(field, "must be true or false")
     return value
 
+
+MONEY_FIELDS = ("max_budget",)  # read from the request as Decimal, not float
 
 # Field name -> validator. These are stored on the key; limits and budgets are enforced per request.
 KEY_FIELDS = {

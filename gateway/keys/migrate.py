@@ -29,6 +29,7 @@ import redis
 
 from gateway.core.redisnames import RedisNames
 from gateway.keys.index import KeyIndex
+from gateway.usage.money import as_json, stored_nanos
 
 _OLD_NAME = re.compile(r"(key|gone):([0-9a-f]{64})")
 SCAN_COUNT = 1000
@@ -137,8 +138,11 @@ class Migration:
 
 
 def total_spend(client, names: RedisNames) -> float:
-    spends = [client.hget(name, "spend") for name in scan(client, names.prefix + "spend:*")]
-    return sum(float(s) for s in spends if s is not None)
+    """Every key's all-time spend, in dollars: integer nano-dollars, plus what a float field of
+    the previous version still holds (gateway/usage/money.py)."""
+    nanos = sum(stored_nanos(*client.hmget(name, "spend_nanos", "spend"))
+                for name in scan(client, names.prefix + "spend:*"))
+    return as_json(nanos)
 
 
 def main(argv=None) -> int:

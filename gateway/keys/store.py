@@ -5,7 +5,8 @@ lives in one Redis Cluster slot (gateway/core/redisnames.py):
   key:{token}      JSON record of the key, PXAT = its expiry (none when it never expires)
   gone:{token}     why a key no longer works ("expired" / "regenerated"), kept 30 days longer,
                    so a caller hears "expired" rather than "invalid"; it holds no key material
-  spend:{token}    its usage and budget-period spend (gateway/usage/accounting.py)
+  spend:{token}    its usage and budget-period spend, in integer nano-dollars
+                   (gateway/usage/budgets.py)
 and, in slots of their own, the alias and the listing indexes (gateway/keys/index.py).
 
 A sharded keyspace has no transaction across keys, so each record is changed in a WATCH/MULTI
@@ -41,6 +42,7 @@ from gateway.keys.cache import KeyCache, publish_changes
 from gateway.keys.index import KeyIndex
 from gateway.core.redisnames import RedisNames
 from gateway.core.runtime import gevent_patched
+from gateway.usage.budgets import BUDGET_FIELDS, budget_read
 
 log = logging.getLogger("gateway")
 GONE_RETENTION_MS = 30 * 86400 * 1000
@@ -166,7 +168,7 @@ class KeyStore:
             pipe = self.redis.pipeline(transaction=False)
             pipe.get(self.record_key(token))
             pipe.get(self.gone_key(token))
-            pipe.hmget(self.names.key_spend(token), "budget_period", "budget_spend")
+            pipe.hmget(self.names.key_spend(token), BUDGET_FIELDS)
             raw, gone, budget = pipe.execute()
         except REDIS_ERRORS:
             raise unavailable() from None
@@ -177,7 +179,7 @@ class KeyStore:
                 raise GatewayError(401, "API key was regenerated; use the new key", "auth_error",
                                    kind="regenerated_key")
             raise GatewayError(401, "Invalid API key", "auth_error", kind="invalid_key")
-        record, budget = json.loads(raw), tuple(budget)
+        record, budget = json.loads(raw), budget_read(budget)
         if record.get("superseded_by"):  # an old copy in its grace period spends the head's budget
             budget = self._budget(record["superseded_by"])
         if self.cache is not None:
@@ -196,7 +198,7 @@ class KeyStore:
 
     def _budget(self, token: str) -> tuple:
         try:
-            return tuple(self.redis.hmget(self.names.key_spend(token), "budget_period", "budget_spend"))
+            return budget_read(self.redis.hmget(self.names.key_spend(token), BUDGET_FIELDS))
         except REDIS_ERRORS:
             raise unavailable() from None
 

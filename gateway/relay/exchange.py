@@ -127,7 +127,7 @@ class Exchange:
                 usage = Usage(self.fields.get("model") if self.fields else None)
             # The model name comes from the caller or vLLM: make it safe once for logs, Redis and labels.
             usage.model = clean_label(usage.model)
-            cost = self.passthrough.accounting.cost(usage.model, usage.prompt_tokens, usage.completion_tokens)
+            cost = self.passthrough.accounting.usage_cost(usage)  # cached prompt tokens at their price
             self._used = (usage, cost)
         return self._used
 
@@ -161,6 +161,7 @@ class Exchange:
             "upstream_status": record.upstream_status,
             "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
+            "cached_tokens": usage.cached_tokens or None,  # logged only when vLLM reported some
             "total_tokens": usage.total_tokens,
             "spend": spend,
             "start_time": record.wall,

@@ -17,6 +17,10 @@ A parallel-request lease is the exception: it is released at once, in the reques
 greenlet, so a client's next request never finds its previous slot still taken; a release (or
 refund) Redis refused is queued by the limiter and written with the next batch here.
 
+Money is integer nano-dollars here (gateway/usage/money.py). The relay hands each request's
+cost over in dollars, as a float `cost` made from nano-dollars (it also feeds the Prometheus
+counter); `to_nanos` gives the exact amount back, so charges add up exactly.
+
 The spend log and end-user stats are written and read by gateway/usage/spendlog.py.
 """
 from __future__ import annotations
@@ -30,7 +34,8 @@ from gateway.core.durations import parse_duration
 from gateway.core.redisconn import REDIS_ERRORS, incidents
 from gateway.core.timefmt import iso
 from gateway.core.runtime import gevent_patched
-from gateway.usage.budgets import Budgets
+from gateway.usage.budgets import BUDGET_FIELDS, Budgets, budget_read
+from gateway.usage.money import as_json, stored_nanos, to_nanos
 from gateway.usage.prices import cost
 from gateway.usage.spendlog import SpendLog
 
@@ -60,11 +65,13 @@ def budget_reset_at(key: dict, now: float) -> str | None:
 
 
 def current_budget_spend(key: dict, budget: tuple, now: float) -> float:
-    """Spend in the current budget period, from what authentication read."""
+    """Spend in the current budget period, in dollars, from what authentication read ((period,
+    nano-dollars)): the JSON number /key/info shows, and what the relay's header check compares
+    with the record's max_budget (both doubles nearest exact amounts, so the order holds)."""
     period, spent = budget
     if period != budget_period(key, now) or spent is None:
         return 0.0
-    return float(spent)
+    return as_json(spent)
 
 
 class Charge:
@@ -76,7 +83,7 @@ class Charge:
     def __init__(self, token: str, period: str, sequence: int):
         self.token, self.period, self.sequence = token, period, sequence
         self.requests = self.prompt_tokens = self.completion_tokens = 0
-        self.spend = 0.0
+        self.spend = 0  # nano-dollars
         self.holds: list[str] = []
         self.last_used = 0.0  # when the batch's latest request ended (epoch seconds)
 
@@ -84,12 +91,13 @@ class Charge:
         self.requests += 1
         self.prompt_tokens += entry["prompt_tokens"]
         self.completion_tokens += entry["completion_tokens"]
-        self.spend += entry["spend"]
+        spend = to_nanos(entry["spend"])
+        self.spend += spend
         self.last_used = max(self.last_used, entry.get("end_time") or 0.0)
         if hold is not None:
             # Its name as adjusted to the real cost too: a reply lost after the adjustment left
             # the Hold with the old name (ZREM of a name that is not there does nothing).
-            self.holds.extend({hold.member, hold.adjusted_name(entry["spend"])})
+            self.holds.extend({hold.member, hold.adjusted_name(spend)})
 
 
 class Accounting:
@@ -113,8 +121,15 @@ class Accounting:
         self.background = gevent_patched() if background is None else background
         self._wake = None
 
-    def cost(self, model, prompt_tokens, completion_tokens) -> float:
-        return cost(self.prices, model, prompt_tokens, completion_tokens)
+    def cost(self, model, prompt_tokens, completion_tokens, cached_tokens=0) -> float:
+        """A request's cost in dollars, as the relay passes it on: a float that carries its exact
+        nano-dollars (gateway/usage/money.py)."""
+        return as_json(cost(self.prices, model, prompt_tokens, completion_tokens, cached_tokens))
+
+    def usage_cost(self, usage) -> float:
+        """`cost` of what a response used (gateway/usage/tap.py Usage), its cached prompt tokens
+        at the cached price."""
+        return self.cost(usage.model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
 
     def record(self, entry: dict, key: dict | None, slot=None, hold=None) -> None:
         """Queue one finished request; never raises (the response is already gone)."""
@@ -248,9 +263,10 @@ class Accounting:
     def _totals(key: dict, raw: dict) -> dict:
         now = time.time()
         prompt, completion = int(raw.get("prompt_tokens", 0)), int(raw.get("completion_tokens", 0))
+        budget = budget_read([raw.get(name) for name in BUDGET_FIELDS])
         return {
-            "spend": current_budget_spend(key, (raw.get("budget_period"), raw.get("budget_spend")), now),
-            "total_spend": float(raw.get("spend", 0)),
+            "spend": current_budget_spend(key, budget, now),
+            "total_spend": as_json(stored_nanos(raw.get("spend_nanos"), raw.get("spend"))),
             "requests": int(raw.get("requests", 0)),
             "prompt_tokens": prompt,
             "completion_tokens": completion,

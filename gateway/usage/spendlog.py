@@ -27,6 +27,11 @@ counts at most `bucket_models` models and `bucket_end_users` end users, the rest
 END_USER_STATS_TTL after its last request, with an index per end user of the keys (or
 "master") that used it, so one tenant's traffic never shows in another's totals.
 
+Money: an entry's `spend` is stored as a JSON number printed from the request's exact
+nano-dollars (0.013, never 0.013000000000000001); end-user stats add nano-dollars with HINCRBY
+(`spend_nanos`) beside the float `spend` the previous version added, which is read with it until
+the hash expires (gateway/usage/money.py).
+
 Accounting (gateway/usage/accounting.py) queues a batch's writes on its pipeline through
 `queue_batch`; the views read through `query`, `end_user_totals` and `counters.report`.
 """
@@ -38,6 +43,7 @@ import zlib
 from dataclasses import dataclass
 
 from gateway.core.timefmt import iso
+from gateway.usage.money import as_json, stored_nanos, to_nanos
 from gateway.usage.usagecounters import MASTER_BUCKET, UsageCounters, clip
 
 ENTRY_MAX_BYTES = 1024
@@ -95,11 +101,11 @@ class SpendLog:
         for entry in entries:
             end_user = entry.get("end_user")
             if end_user:
-                total = end_users.setdefault((entry.get("token") or MASTER_BUCKET, end_user), [0, 0, 0, 0.0, 0.0])
+                total = end_users.setdefault((entry.get("token") or MASTER_BUCKET, end_user), [0, 0, 0, 0, 0.0])
                 total[0] += 1
                 total[1] += entry["prompt_tokens"]
                 total[2] += entry["completion_tokens"]
-                total[3] += entry["spend"]
+                total[3] += to_nanos(entry["spend"])
                 total[4] = max(total[4], entry["end_time"])
             # One JSON field per entry: packing 20 separate fields cost ~5% of a worker (py-spy).
             stored = {"e": stored_entry(entry)}
@@ -138,7 +144,7 @@ class SpendLog:
             pipe.hincrby(name, "requests", requests)
             pipe.hincrby(name, "prompt_tokens", prompt)
             pipe.hincrby(name, "completion_tokens", completion)
-            pipe.hincrbyfloat(name, "spend", spend)
+            pipe.hincrby(name, "spend_nanos", spend)
             pipe.hset(name, "last_seen", iso(last))
             pipe.expire(name, self.end_user_ttl)
             index = self.names.end_user_keys(end_user)
@@ -237,6 +243,8 @@ class SpendLog:
             return None
         summed = {name: sum(u[name] for u in per_key.values())
                   for name in ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "spend")}
+        for usage in (summed, *per_key.values()):  # summed exactly in nano-dollars, shown in dollars
+            usage["spend"] = as_json(usage["spend"])
         return {"end_user_id": end_user, **summed,
                 "last_seen": max(u["last_seen"] or "" for u in per_key.values()) or None, "keys": per_key}
 
@@ -274,9 +282,10 @@ def _capped_xadd(pipe, name: str, stored: dict, cap: int) -> None:
 
 
 def _usage(raw: dict) -> dict:
+    """One (key, end user) stats hash; spend in nano-dollars."""
     prompt, completion = int(raw.get("prompt_tokens", 0)), int(raw.get("completion_tokens", 0))
     return {"requests": int(raw.get("requests", 0)), "prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion, "spend": float(raw.get("spend", 0)),
+            "total_tokens": prompt + completion, "spend": stored_nanos(raw.get("spend_nanos"), raw.get("spend")),
             "last_seen": raw.get("last_seen")}
 
 
@@ -287,9 +296,10 @@ def stored_entry(entry: dict) -> str:
             if value is not None and name not in DERIVED}
     if entry.get("caller") not in (None, _caller(kept)):
         kept["caller"] = clip(entry["caller"], 64)
-    for name in ("start_time", "spend"):
-        if isinstance(kept.get(name), float):
-            kept[name] = round(kept[name], 6) if name == "start_time" else float(f"{kept[name]:.10g}")
+    if isinstance(kept.get("start_time"), float):
+        kept["start_time"] = round(kept["start_time"], 6)
+    if isinstance(kept.get("spend"), (int, float)) and not isinstance(kept["spend"], bool):
+        kept["spend"] = as_json(to_nanos(kept["spend"]))  # prints as the exact amount charged
     text = json.dumps(kept, separators=(",", ":"), ensure_ascii=False)
     while len(text.encode()) > ENTRY_MAX_BYTES:
         longest = max((n for n, v in kept.items() if isinstance(v, str)), key=lambda n: len(kept[n]))

@@ -6,6 +6,10 @@ without one, the output is estimated and the result is marked `estimated`: every
 carries output (visible text, reasoning, tool-call arguments) counts at least one token, and an
 event whose text is longer than one token (vLLM merges deltas when the client reads slowly)
 counts a token per 4 characters. For exact figures run vLLM with `--enable-force-include-usage`.
+
+Prompt tokens vLLM served from its prefix cache are read too (`cached_tokens` in
+`prompt_tokens_details`, or the Responses API's `input_tokens_details`; vLLM reports them when
+started with `--enable-prompt-tokens-details`), so they can be charged at a cached price.
 """
 from __future__ import annotations
 
@@ -35,15 +39,17 @@ _TOKENS_PER_MESSAGE = 4
 
 
 class Usage:
-    """What one response used."""
+    """What one response used; `cached_tokens` are the part of the prompt served from vLLM's
+    prefix cache (at most all of it)."""
 
-    __slots__ = ("model", "prompt_tokens", "completion_tokens", "estimated")
+    __slots__ = ("model", "prompt_tokens", "completion_tokens", "estimated", "cached_tokens")
 
-    def __init__(self, model=None, prompt_tokens=0, completion_tokens=0, estimated=False):
+    def __init__(self, model=None, prompt_tokens=0, completion_tokens=0, estimated=False, cached_tokens=0):
         self.model = model
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
         self.estimated = estimated
+        self.cached_tokens = cached_tokens
 
     @property
     def total_tokens(self) -> int:
@@ -61,8 +67,8 @@ def clean_label(value):
     return value
 
 
-def _tokens(usage) -> tuple[int, int] | None:
-    """(prompt, completion) from OpenAI-style or Responses-style usage objects."""
+def _tokens(usage) -> tuple[int, int, int] | None:
+    """(prompt, completion, cached prompt) from OpenAI-style or Responses-style usage objects."""
     if not isinstance(usage, dict):
         return None
     prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
@@ -72,7 +78,24 @@ def _tokens(usage) -> tuple[int, int] | None:
         completion = total - prompt if isinstance(total, int) and isinstance(prompt, int) else 0
     if not isinstance(prompt, int) or not isinstance(completion, int):
         return None
-    return max(prompt, 0), max(completion, 0)
+    prompt = max(prompt, 0)
+    return prompt, max(completion, 0), min(_cached_tokens(usage), prompt)
+
+
+def _cached_tokens(usage: dict) -> int:
+    """Prompt tokens served from the prefix cache: `prompt_tokens_details` (chat, completions)
+    or `input_tokens_details` (Responses API); vLLM sends null there when it does not count them."""
+    for name in ("prompt_tokens_details", "input_tokens_details"):
+        details = usage.get(name)
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        if isinstance(cached, int) and not isinstance(cached, bool) and cached > 0:
+            return cached
+    return 0
+
+
+def _usage(model, tokens: tuple[int, int, int]) -> Usage:
+    prompt, completion, cached = tokens
+    return Usage(model, prompt, completion, cached_tokens=cached)
 
 
 def _decoded(body: bytes, encoding: str) -> bytes | None:
@@ -172,7 +195,7 @@ class UsageTap:
         if self.sse:
             model = self.model or (request_model if isinstance(request_model, str) else None)
             if self.usage is not None:
-                return Usage(model, *self.usage)
+                return _usage(model, self.usage)
             return Usage(model, estimate_prompt_tokens(request_fields), self.events, estimated=True)
         return self._json_result(request_model if isinstance(request_model, str) else None)
 
@@ -189,7 +212,7 @@ class UsageTap:
             if isinstance(payload, dict):
                 tokens = _tokens(payload.get("usage"))
                 model = payload.get("model") if isinstance(payload.get("model"), str) else request_model
-                return Usage(model, *tokens) if tokens else Usage(model)
+                return _usage(model, tokens) if tokens else Usage(model)
         elif self.encoding in ("", "identity"):
             match = _USAGE.search(body)
             try:
@@ -197,5 +220,5 @@ class UsageTap:
             except (ValueError, RecursionError):
                 tokens = None
             if tokens:
-                return Usage(request_model, *tokens)
+                return _usage(request_model, tokens)
         return Usage(request_model)

@@ -2,7 +2,7 @@
 // as a table and as a CSV download. Chart.js draws on a canvas: labels taken from data (aliases,
 // model names, end-user ids) are painted as pixels, never parsed as markup.
 
-import {dataTable, download, fmtBucket, fmtInt, fmtMoney, h, toCsv} from "./dom.js";
+import {addMoney, dataTable, download, fmtBucket, fmtInt, fmtMoney, h, toCsv} from "./dom.js";
 
 const PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
   "#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d"];
@@ -16,10 +16,13 @@ export function destroyCharts() {
   live.clear();
 }
 
+const addCount = (a, b) => a + (Number(b) || 0);
+
+// `add` sums a metric's values: money in whole nano-dollars, so totals print exactly.
 export const METRICS = {
-  spend: {title: "Spend", format: fmtMoney, unit: "spend"},
-  total_tokens: {title: "Tokens", format: fmtInt, unit: "tokens"},
-  requests: {title: "Requests", format: fmtInt, unit: "requests"},
+  spend: {title: "Spend", format: fmtMoney, unit: "spend", add: addMoney},
+  total_tokens: {title: "Tokens", format: fmtInt, unit: "tokens", add: addCount},
+  requests: {title: "Requests", format: fmtInt, unit: "requests", add: addCount},
 };
 
 /**
@@ -35,7 +38,7 @@ export function usageSection(parent, {id, metric, buckets, interval, series, gro
     dataset: {metric}});
   canvas.textContent = `${description}: see the table below.`;
   const labels = buckets.map((b) => fmtBucket(b, interval));
-  const totals = buckets.map((_, i) => series.reduce((sum, s) => sum + (Number(s.values[i]) || 0), 0));
+  const totals = buckets.map((_, i) => series.reduce((sum, s) => spec.add(sum, s.values[i]), 0));
 
   const csvButton = h("button", {type: "button", "aria-label": `Download ${description} as CSV`, onclick: () => {
     const header = ["bucket_start_utc", ...series.map((s) => s.label), "total"];
@@ -50,8 +53,8 @@ export function usageSection(parent, {id, metric, buckets, interval, series, gro
   ];
   const rows = buckets.map((_, i) => ({label: labels[i], values: series.map((s) => Number(s.values[i]) || 0),
     total: totals[i]}));
-  const grand = series.map((s) => s.values.reduce((a, v) => a + (Number(v) || 0), 0));
-  rows.push({label: "All", values: grand, total: grand.reduce((a, v) => a + v, 0)});
+  const grand = series.map((s) => s.values.reduce(spec.add, 0));
+  rows.push({label: "All", values: grand, total: grand.reduce(spec.add, 0)});
   const table = dataTable(`${description} (table)`, columns, rows, {className: "usage-table"});
 
   const section = h("section", {class: "chart-card", id, "aria-labelledby": titleId},

@@ -59,9 +59,19 @@ export function fmtInt(n) {
   return n === null || n === undefined ? DASH : Number(n).toLocaleString("en-US", {maximumFractionDigits: 0});
 }
 
+/** Dollars as the API sends them (exact to the nano-dollar): 2 to 9 decimals, nothing rounded away. */
 export function fmtMoney(n) {
   if (n === null || n === undefined) return DASH;
-  return Number(n).toLocaleString("en-US", {minimumFractionDigits: 2, maximumFractionDigits: 6});
+  return Number(n).toLocaleString("en-US", {minimumFractionDigits: 2, maximumFractionDigits: 9});
+}
+
+/**
+ * The sum of two dollar amounts from the API, added in whole nano-dollars: each is the double
+ * nearest an exact nano-dollar amount, so the sum prints exactly (0.1 + 0.2 is 0.3, not
+ * 0.30000000000000004, in the tables and the CSV). Exact up to 2^51 nano-dollars (2.2 million USD).
+ */
+export function addMoney(a, b) {
+  return (Math.round((Number(a) || 0) * 1e9) + Math.round((Number(b) || 0) * 1e9)) / 1e9;
 }
 
 export function fmtPercent(share) {

@@ -3,7 +3,7 @@
 
 import {describe, get} from "./api.js";
 import {METRICS, destroyCharts, seriesLabel, usageSection} from "./charts.js";
-import {dataTable, field, fmtInt, fmtMoney, fmtTime, h, input, select} from "./dom.js";
+import {addMoney, dataTable, field, fmtInt, fmtMoney, fmtTime, h, input, select} from "./dom.js";
 
 export const title = "Usage";
 
@@ -115,8 +115,9 @@ export function mergeByAlias(series) {
     }
     const into = byAlias.get(alias);
     for (const name of ["requests", "prompt_tokens", "completion_tokens", "total_tokens", "spend"]) {
-      into[name] = into[name].map((v, i) => v + (Number((entry[name] || [])[i]) || 0));
-      into.totals[name] = (Number(into.totals[name]) || 0) + (Number(entry.totals[name]) || 0);
+      const add = name === "spend" ? addMoney : (a, b) => (Number(a) || 0) + (Number(b) || 0);
+      into[name] = into[name].map((v, i) => add(v, (entry[name] || [])[i]));
+      into.totals[name] = add(into.totals[name], entry.totals[name]);
     }
   }
   return merged;

@@ -1,6 +1,8 @@
 """gateway/keys/fields.py: validation of a virtual key's fields; every error names its field."""
 from __future__ import annotations
 
+from decimal import Decimal
+
 import pytest
 
 from gateway.core.errors import GatewayError
@@ -71,6 +73,12 @@ def test_an_empty_payload_passes():
     ("max_budget", 10**400, "max_budget"),
     ("max_budget", True, "max_budget"),
     ("max_budget", "5", "max_budget"),
+    ("max_budget", Decimal("NaN"), "max_budget"),
+    ("max_budget", Decimal("-Infinity"), "max_budget"),
+    ("max_budget", Decimal("1e999999"), "max_budget"),
+    ("max_budget", 10**9 + 1, "max_budget"),
+    ("max_budget", Decimal("0.0000000001"), "max_budget"),      # a tenth of a nano-dollar
+    ("max_budget", Decimal("123456789.123456789"), "max_budget"),  # 18 significant digits
     # durations
     ("duration", "30dx", "duration"),
     ("budget_duration", 30, "budget_duration"),
@@ -97,12 +105,34 @@ def test_a_wrong_value_is_refused_naming_its_field(field, value, param):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("rpm_limit", 0), ("rpm_limit", 10**12), ("max_budget", 0), ("max_budget", 1e15),
+    ("rpm_limit", 0), ("rpm_limit", 10**12), ("max_budget", 0), ("max_budget", 10**9),
     ("key_alias", "x" * MAX_TEXT), ("models", ["m"] * MAX_LIST), ("key", "sk-" + "a" * 13),
     ("key", "sk-" + "a" * 253), ("blocked", True), ("metadata", {}),
 ])
 def test_boundary_values_are_accepted(field, value):
     assert validate_fields({field: value}, KEY_FIELDS)[field] == value
+
+
+@pytest.mark.parametrize("sent, kept", [
+    (Decimal("0.051"), 0.051), (Decimal("0.1"), 0.1), (Decimal("0.000000001"), 1e-9), (Decimal("12.5"), 12.5),
+    (Decimal("999999.999999999"), 999999.999999999), (Decimal("1E+9"), 1e9), (Decimal("-0.0"), 0.0),
+    (Decimal("1.50000000000000000000"), 1.5), (7, 7.0),
+])
+def test_max_budget_is_kept_as_the_json_number_of_exactly_what_was_sent(sent, kept):
+    """Read as Decimal, stored as the double that prints as the same decimal: no binary noise in
+    and none out (a double prints up to 15 significant digits back exactly)."""
+    out = validate_fields({"max_budget": sent}, KEY_FIELDS)["max_budget"]
+    assert isinstance(out, float) and out == kept and Decimal(repr(out)) == Decimal(sent)
+
+
+@pytest.mark.parametrize("value, says", [
+    (Decimal("0.0000000001"), "at most 9 decimal places"),
+    (Decimal("123456789.123456789"), "at most 15 significant digits"),
+    (Decimal("NaN"), "finite"), (float("inf"), "finite"), (Decimal("-0.5"), "must not be negative"),
+    (Decimal("2e9"), "at most 1000000000"),
+])
+def test_a_bad_max_budget_says_what_is_wrong(value, says):
+    assert says in refused({"max_budget": value}).message
 
 
 def test_a_bad_duration_explains_the_grammar():

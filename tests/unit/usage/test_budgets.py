@@ -1,5 +1,6 @@
 """gateway.usage.budgets: the estimate rule, the reserve and settle scripts (on fakeredis and the
-real Redis), leases that free a crashed worker's reservation, and settling exactly once."""
+real Redis), leases that free a crashed worker's reservation, and settling exactly once. Amounts
+in Redis are integer nano-dollars (`reserved_nanos`, `budget_spend_nanos`, `spend_nanos`)."""
 import time
 
 import pytest
@@ -11,35 +12,37 @@ from gateway.core.redisnames import RedisNames
 from gateway.usage.accounting import Accounting
 from gateway.usage.budgets import Budgets, output_bound, request_estimate
 from gateway.usage.limits import RateLimiter
+from gateway.usage.prices import parse_prices
 
 TOKEN = "b" * 64
-PRICES = {"m": (0.001, 0.002)}  # per prompt token, per completion token
+PRICES = parse_prices('{"m": {"input_cost_per_token": 0.001, "output_cost_per_token": 0.002}}', "test")
+MILLI = 1_000_000  # nano-dollars in 0.001 USD
 KEY = {"max_budget": 0.1, "created_epoch": 0}
 # "abcdefgh" is 2 prompt tokens (4 characters a token): 0.002, plus max_tokens × 0.002.
 BOUNDED = {"model": "m", "prompt": "abcdefgh", "max_tokens": 10}  # estimate 0.022
 
 
 # -- the estimate -------------------------------------------------------------------------------
-@pytest.mark.parametrize("fields, expected", [
-    (BOUNDED, 0.002 + 10 * 0.002),
-    ({**BOUNDED, "max_completion_tokens": 20}, 0.002 + 20 * 0.002),   # the largest bound
-    ({**BOUNDED, "n": 3}, 0.002 + 30 * 0.002),                         # every choice
-    ({"model": "m", "prompt": "abcdefgh", "max_output_tokens": 5}, 0.002 + 5 * 0.002),  # Responses API
-    ({"model": "m", "prompt": "abcdefgh"}, 0.002 + 7 * 0.002),         # no bound: the default (7)
-    ({"model": "m", "prompt": "abcdefgh", "max_tokens": True}, 0.002 + 7 * 0.002),  # not a bound
-    ({"model": "m", "prompt": "abcdefgh", "max_tokens": -5}, 0.002 + 7 * 0.002),
-    ({"model": "unpriced", "prompt": "abcdefgh", "max_tokens": 10}, 0.0),  # costs nothing
-    ({"model": ["m"], "max_tokens": 10}, 0.0),
-    (None, 0.0),
-    ({}, 0.0),
+@pytest.mark.parametrize("fields, milli", [
+    (BOUNDED, 2 + 10 * 2),
+    ({**BOUNDED, "max_completion_tokens": 20}, 2 + 20 * 2),   # the largest bound
+    ({**BOUNDED, "n": 3}, 2 + 30 * 2),                         # every choice
+    ({"model": "m", "prompt": "abcdefgh", "max_output_tokens": 5}, 2 + 5 * 2),  # Responses API
+    ({"model": "m", "prompt": "abcdefgh"}, 2 + 7 * 2),         # no bound: the default (7)
+    ({"model": "m", "prompt": "abcdefgh", "max_tokens": True}, 2 + 7 * 2),  # not a bound
+    ({"model": "m", "prompt": "abcdefgh", "max_tokens": -5}, 2 + 7 * 2),
+    ({"model": "unpriced", "prompt": "abcdefgh", "max_tokens": 10}, 0),  # costs nothing
+    ({"model": ["m"], "max_tokens": 10}, 0),
+    (None, 0),
+    ({}, 0),
 ])
-def test_the_estimate_is_the_prompt_plus_the_output_bound_at_the_models_prices(fields, expected):
-    assert request_estimate(PRICES, fields, default_max_tokens=7) == pytest.approx(expected)
+def test_the_estimate_is_the_prompt_plus_the_output_bound_at_the_models_prices(fields, milli):
+    assert request_estimate(PRICES, fields, default_max_tokens=7) == milli * MILLI
 
 
 def test_chat_messages_count_their_template_overhead():
     fields = {"model": "m", "messages": [{"role": "user", "content": "one two three"}], "max_tokens": 1}
-    assert request_estimate(PRICES, fields) == pytest.approx(8 * 0.001 + 0.002)  # (13 + 16) / 4 -> 8
+    assert request_estimate(PRICES, fields) == (8 + 2) * MILLI  # (13 + 16) / 4 -> 8 prompt tokens
     assert output_bound({"n": 10**9, "max_tokens": 2}, 0) == 2 * 128
 
 
@@ -58,6 +61,11 @@ def spend_hash(budgets):
     return budgets.redis.hgetall(budgets.names.key_spend(TOKEN))
 
 
+def nanos(budgets, field: str) -> int:
+    """An integer field of the key's spend hash (0 when absent); a float there fails the test."""
+    return int(spend_hash(budgets).get(field, "0"))
+
+
 def finished(spend, prompt=2, completion=10, request_id="r"):
     now = time.time()
     return {"request_id": request_id, "token": TOKEN, "key_alias": None, "caller": "k", "end_user": None,
@@ -69,7 +77,7 @@ def finished(spend, prompt=2, completion=10, request_id="r"):
 
 def test_reservations_count_until_the_budget_cannot_hold_another(budgets):
     holds = [budgets.reserve(TOKEN, KEY, "all", BOUNDED, f"r{i}") for i in range(4)]  # 4 × 0.022 = 0.088
-    assert float(spend_hash(budgets)["reserved"]) == pytest.approx(0.088)
+    assert nanos(budgets, "reserved_nanos") == 88 * MILLI
     with pytest.raises(GatewayError) as held:  # the room it needs is held by requests in flight
         budgets.reserve(TOKEN, KEY, "all", BOUNDED, "r5")
     assert held.value.status == 429 and held.value.headers["Retry-After"] == "1"
@@ -88,11 +96,11 @@ def test_a_request_without_a_bound_gets_what_remains_up_to_the_default(redis_cli
     unbounded = {"model": "m", "prompt": "abcdefgh"}
     first, second = (budgets.reserve(TOKEN, KEY, "all", unbounded, f"u{i}") for i in range(2))
     third = budgets.reserve(TOKEN, KEY, "all", unbounded, "u2")  # 0.1 - 0.084: the last 0.016
-    assert (first.amount, second.amount, third.amount) == pytest.approx((0.042, 0.042, 0.016))
+    assert (first.amount, second.amount, third.amount) == (42 * MILLI, 42 * MILLI, 16 * MILLI)
     with pytest.raises(GatewayError) as held:
         budgets.reserve(TOKEN, KEY, "all", unbounded, "u3")
     assert held.value.status == 429
-    assert float(budgets.redis.hget(budgets.names.key_spend(TOKEN), "reserved")) == pytest.approx(0.1)
+    assert nanos(budgets, "reserved_nanos") == 100 * MILLI
 
 
 def test_nothing_is_reserved_without_a_budget_or_a_cost(budgets):
@@ -105,8 +113,9 @@ def test_settling_adds_the_real_cost_and_gives_the_reservation_back(budgets, acc
     hold = budgets.reserve(TOKEN, KEY, "all", BOUNDED, "r")
     accounting.record(finished(0.012), KEY, hold=hold)
     stored = spend_hash(budgets)
-    assert float(stored["budget_spend"]) == pytest.approx(0.012) and float(stored["spend"]) == pytest.approx(0.012)
-    assert float(stored["reserved"]) == 0 and stored["requests"] == "1"
+    assert stored["budget_spend_nanos"] == stored["spend_nanos"] == str(12 * MILLI)
+    assert stored["reserved_nanos"] == "0" and stored["requests"] == "1"
+    assert not {"spend", "budget_spend", "reserved"} & stored.keys()  # no float field any more
     assert budgets.redis.zcard(budgets.names.budget_holds(TOKEN)) == 0
     assert hold.member not in budgets.leases.held  # no longer renewed
     # 0.012 spent + 4 × 0.022 reserved = 0.1: exactly the budget
@@ -119,7 +128,7 @@ def test_settling_adds_the_real_cost_and_gives_the_reservation_back(budgets, acc
 def test_a_failed_request_settles_at_zero_and_frees_its_reservation(budgets, accounting):
     hold = budgets.reserve(TOKEN, KEY, "all", BOUNDED, "r")
     accounting.record(finished(0.0, 0, 0), KEY, hold=hold)
-    assert float(spend_hash(budgets)["budget_spend"]) == 0 and float(spend_hash(budgets)["reserved"]) == 0
+    assert spend_hash(budgets)["budget_spend_nanos"] == spend_hash(budgets)["reserved_nanos"] == "0"
 
 
 def test_a_crashed_workers_reservation_runs_out_after_its_lease(redis_client):
@@ -133,7 +142,7 @@ def test_a_crashed_workers_reservation_runs_out_after_its_lease(redis_client):
         alive.reserve(TOKEN, KEY, "all", BOUNDED, "now")
     time.sleep(1.05)  # the lease's own length: the thing under test is that it runs out
     assert alive.reserve(TOKEN, KEY, "all", BOUNDED, "later") is not None
-    assert float(redis_client.hget(names.key_spend(TOKEN), "reserved")) == pytest.approx(0.022)
+    assert redis_client.hget(names.key_spend(TOKEN), "reserved_nanos") == str(22 * MILLI)
     assert redis_client.zcard(names.budget_holds(TOKEN)) == 1
 
 
@@ -157,13 +166,13 @@ def test_a_new_budget_period_starts_at_zero_and_a_late_charge_never_resets_it(bu
         budgets.reserve(TOKEN, key, old, BOUNDED, "same period")
     new = str(int(old) + 1)
     hold = budgets.reserve(TOKEN, key, new, BOUNDED, "next period")  # reset at admission
-    assert spend_hash(budgets)["budget_period"] == new and float(spend_hash(budgets)["budget_spend"]) == 0
+    assert spend_hash(budgets)["budget_period"] == new and nanos(budgets, "budget_spend_nanos") == 0
     late = finished(0.05)  # a request of the old period, settled after the reset
     accounting.record(late, key)
-    assert spend_hash(budgets)["budget_period"] == new and float(spend_hash(budgets)["budget_spend"]) == 0
-    assert float(spend_hash(budgets)["spend"]) == pytest.approx(0.14)  # all-time spend has it
+    assert spend_hash(budgets)["budget_period"] == new and nanos(budgets, "budget_spend_nanos") == 0
+    assert nanos(budgets, "spend_nanos") == 140 * MILLI  # all-time spend has it
     accounting.record(finished(0.01), {**key, "created_epoch": -3600}, hold=hold)  # now in the new period
-    assert float(spend_hash(budgets)["budget_spend"]) == pytest.approx(0.01)
+    assert nanos(budgets, "budget_spend_nanos") == 10 * MILLI
 
 
 def test_a_batch_whose_reply_was_lost_is_not_charged_twice(budgets, accounting, monkeypatch):
@@ -182,8 +191,8 @@ def test_a_batch_whose_reply_was_lost_is_not_charged_twice(budgets, accounting, 
     monkeypatch.setattr(pipeline_class, "execute", real_execute)
     assert accounting.flush()
     stored = spend_hash(budgets)
-    assert float(stored["budget_spend"]) == pytest.approx(0.016) and stored["requests"] == "2"
-    assert float(stored["reserved"]) == 0 and not accounting.unsettled and not accounting.pending
+    assert stored["budget_spend_nanos"] == str(16 * MILLI) and stored["requests"] == "2"
+    assert stored["reserved_nanos"] == "0" and not accounting.unsettled and not accounting.pending
 
 
 def test_an_outage_keeps_the_charge_and_the_reservation_until_redis_answers(budgets, accounting, monkeypatch):
@@ -196,11 +205,11 @@ def test_an_outage_keeps_the_charge_and_the_reservation_until_redis_answers(budg
 
     monkeypatch.setattr(pipeline_class, "execute", refused)
     accounting.record(finished(0.012), KEY, hold=hold)
-    assert float(spend_hash(budgets)["reserved"]) == pytest.approx(0.012)  # held, at its real cost
+    assert nanos(budgets, "reserved_nanos") == 12 * MILLI  # held, at its real cost
     monkeypatch.setattr(pipeline_class, "execute", real_execute)
     assert accounting.flush()
-    assert float(spend_hash(budgets)["budget_spend"]) == pytest.approx(0.012)
-    assert float(spend_hash(budgets)["reserved"]) == 0
+    assert nanos(budgets, "budget_spend_nanos") == 12 * MILLI
+    assert nanos(budgets, "reserved_nanos") == 0
 
 
 # -- Redis Cluster rules ----------------------------------------------------------------------
@@ -249,7 +258,7 @@ def test_the_flush_queues_no_evalsha_on_its_pipeline(budgets, monkeypatch):
     hold = budgets.reserve(TOKEN, KEY, "all", BOUNDED, "r")
     accounting.record(finished(0.012), KEY, hold=hold)
     assert not accounting.pending and not accounting.unsettled and not limiter.deferred
-    assert float(spend_hash(budgets)["budget_spend"]) == pytest.approx(0.012)
+    assert nanos(budgets, "budget_spend_nanos") == 12 * MILLI
 
 
 def test_a_charge_settled_after_its_key_was_regenerated_reaches_the_new_key(redis_client, budgets, accounting):
@@ -260,10 +269,10 @@ def test_a_charge_settled_after_its_key_was_regenerated_reaches_the_new_key(redi
     accounting.record({**finished(0.01), "token": old["token"]}, KEY)
     hold = budgets.reserve(old["token"], KEY, "all", BOUNDED, "in-flight")  # admitted before the swap
     new = store.regenerate(old, None, caller="master")
-    assert float(redis_client.hget(budgets.names.key_spend(new["token"]), "spend")) == pytest.approx(0.01)
+    assert redis_client.hget(budgets.names.key_spend(new["token"]), "spend_nanos") == str(10 * MILLI)
     accounting.record({**finished(0.02), "token": old["token"]}, KEY, hold=hold)  # settles after it
     moved = redis_client.hgetall(budgets.names.key_spend(new["token"]))
-    assert float(moved["spend"]) == pytest.approx(0.03) and moved["requests"] == "2"
+    assert moved["spend_nanos"] == str(30 * MILLI) and moved["requests"] == "2"
     assert redis_client.zcard(budgets.names.budget_holds(old["token"])) == 0
 
 
@@ -273,16 +282,17 @@ def test_an_ended_request_holds_its_real_cost_until_it_is_settled(budgets, accou
     first = budgets.reserve(TOKEN, KEY, "all", BOUNDED, "first")
     monkeypatch.setattr(accounting, "_wake_up", lambda: None)  # the batch has not run yet
     accounting.record(finished(0.005), KEY, hold=first)
-    assert float(spend_hash(budgets)["reserved"]) == pytest.approx(0.005)
+    assert nanos(budgets, "reserved_nanos") == 5 * MILLI
     assert [budgets.reserve(TOKEN, KEY, "all", BOUNDED, f"next-{i}") for i in range(4)]  # 0.005 + 4 × 0.022
     monkeypatch.undo()
     assert accounting.flush()
-    assert float(spend_hash(budgets)["budget_spend"]) == pytest.approx(0.005)
-    assert float(spend_hash(budgets)["reserved"]) == pytest.approx(4 * 0.022)
+    assert nanos(budgets, "budget_spend_nanos") == 5 * MILLI
+    assert nanos(budgets, "reserved_nanos") == 4 * 22 * MILLI
 
 
-def test_float_noise_is_not_room_left(budgets):
-    """0.5 - 0.494 - 0.006 is 5.6e-17 in floating point: no request may be admitted into that."""
+def test_float_noise_of_the_previous_version_is_not_room_left(budgets):
+    """0.5 - 0.494 - 0.006 is 5.6e-17 in floating point. Spend the previous version wrote as
+    floats is folded into nano-dollars first: exactly no room, so no request is admitted."""
     names, key = budgets.names, {"max_budget": 0.5, "created_epoch": 0}
     budgets.redis.hset(names.key_spend(TOKEN), mapping={"budget_period": "all", "budget_spend": "0.494",
                                                         "reserved": "0.006"})
@@ -290,3 +300,5 @@ def test_float_noise_is_not_room_left(budgets):
     with pytest.raises(GatewayError) as held:
         budgets.reserve(TOKEN, key, "all", {"model": "m", "prompt": "abcdefgh"}, "noise")
     assert held.value.status == 429
+    assert "spend 0.494000 + reserved 0.006000" in held.value.message
+    assert nanos(budgets, "budget_spend_nanos") == 494 * MILLI and nanos(budgets, "reserved_nanos") == 6 * MILLI

@@ -184,7 +184,7 @@ def test_usage_is_counted_per_hour_and_day_by_key_model_and_end_user(redis_clien
     by_key = log.counters.report("key", "hour", T0, T0 + HOUR + 1)
     assert by_key["buckets"] == ["2027-01-15T00:00:00Z", "2027-01-15T01:00:00Z"]
     series = {s["group"]: s for s in by_key["series"]}
-    assert series[TOKEN_A]["requests"] == [2, 0] and series[TOKEN_A]["spend"] == [pytest.approx(1.513), 0]
+    assert series[TOKEN_A]["requests"] == [2, 0] and series[TOKEN_A]["spend"] == [1_513_000_000, 0]  # nano-dollars
     assert series["master"]["requests"] == [0, 1] and series[TOKEN_A]["total_tokens"] == [16, 0]
     by_model = log.counters.report("model", "day", T0, T0)["series"]
     assert [(s["group"], s["totals"]["requests"]) for s in by_model] == [("big", 1), ("fake-model", 2)]
@@ -216,7 +216,7 @@ def test_a_report_lists_the_top_groups_and_sums_the_rest(redis_client):
     write(log, *[entry(start_time=T0, end_user=f"v{i}", spend=float(i)) for i in range(5)])
     series = log.counters.report("end_user", "day", T0, T0, limit=2)["series"]
     assert [(s["group"], s["other"], s["spend"]) for s in series] == [
-        ("v4", False, [4.0]), ("v3", False, [3.0]), (None, True, [3.0])]
+        ("v4", False, [4 * 10**9]), ("v3", False, [3 * 10**9]), (None, True, [3 * 10**9])]
     assert series[-1]["requests"] == [3]
 
 

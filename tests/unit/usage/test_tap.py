@@ -2,6 +2,8 @@
 import gzip
 import json
 
+import pytest
+
 from gateway.usage.tap import UsageTap
 
 CHUNK = {"id": "c", "object": "chat.completion.chunk", "model": "m1",
@@ -106,3 +108,51 @@ def test_responses_api_reasoning_and_function_call_deltas_are_counted():
 def test_a_merged_delta_counts_a_token_per_four_characters():
     merged = {**CHUNK, "choices": [{"index": 0, "delta": {"content": "x" * 400}}]}
     assert _estimate(merged) == 100
+
+
+# -- cached prompt tokens (vLLM --enable-prompt-tokens-details) --------------------------------
+CACHED_USAGE = {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15,
+                "prompt_tokens_details": {"cached_tokens": 8}}
+
+
+def test_json_usage_reads_the_cached_prompt_tokens():
+    tap = UsageTap("application/json", "")
+    tap.feed(json.dumps({"model": "m1", "usage": CACHED_USAGE}).encode())
+    usage = tap.result(None)
+    assert (usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens) == (12, 8, 3)
+
+
+def test_a_stream_usage_chunk_reads_the_cached_prompt_tokens():
+    final = {"id": "c", "model": "m1", "choices": [], "usage": CACHED_USAGE}
+    for size in (1, 9, 4096):
+        tap = UsageTap("text/event-stream", "")
+        feed_in_pieces(tap, sse(CHUNK, final, b"[DONE]"), size)
+        usage = tap.result(None)
+        assert (usage.prompt_tokens, usage.cached_tokens) == (12, 8)
+
+
+def test_responses_api_cached_input_tokens():
+    tap = UsageTap("text/event-stream", "")
+    tap.feed(b'event: response.completed\ndata: {"type":"response.completed","response":{"model":"m2",'
+             b'"usage":{"input_tokens":9,"input_tokens_details":{"cached_tokens":4},"output_tokens":6,'
+             b'"output_tokens_details":{"reasoning_tokens":2},"total_tokens":15}}}\n\n')
+    usage = tap.result(None)
+    assert (usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens) == (9, 4, 6)
+
+
+@pytest.mark.parametrize("details, cached", [
+    (None, 0),                                  # vLLM without --enable-prompt-tokens-details
+    ({"cached_tokens": None}, 0), ({"cached_tokens": True}, 0), ({"cached_tokens": "8"}, 0),
+    ({"cached_tokens": -3}, 0), ({"cached_tokens": 99}, 12),   # never more than the prompt
+    ({}, 0), ("8", 0),
+])
+def test_odd_cached_token_figures_never_exceed_the_prompt(details, cached):
+    tap = UsageTap("application/json", "")
+    tap.feed(json.dumps({"usage": {**CACHED_USAGE, "prompt_tokens_details": details}}).encode())
+    assert tap.result(None).cached_tokens == cached
+
+
+def test_an_estimated_stream_has_no_cached_tokens():
+    tap = UsageTap("text/event-stream", "")
+    tap.feed(sse(CHUNK, b"[DONE]"))
+    assert tap.result({"prompt": "abcd"}).cached_tokens == 0
