@@ -24,6 +24,7 @@ from gateway.relay.replicas import Replicas
 from gateway.relay.transport import build_session
 from gateway.relay.upstream import Upstream
 from gateway.services import Services
+from gateway.usage import periods
 from gateway.usage.accounting import Accounting
 from gateway.usage.budgets import Budgets
 from gateway.usage.limits import RateLimiter
@@ -52,6 +53,7 @@ def create_app(config=None) -> Flask:
     # Admin and other Flask routes take small JSON bodies; /vllm has its own limit.
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
     accesslog.configure(settings.access_log)
+    periods.configure(settings.budget_resets, settings.budget_timezone)  # how budget periods are cut
     if redis_client is None:  # an injected client (tests) is a key store; only "none at all" needs the opt-in
         require_keystore(settings)
         redis_client = make_redis(settings)

@@ -1,6 +1,10 @@
 """Budget reservations through the gateway: taken after the model check, refused with the usual
 400 envelope, given back when the request fails or is refused, on fakeredis and the real Redis."""
 
+import datetime
+from zoneinfo import ZoneInfo
+
+from gateway.usage import periods
 from tests.conftest import MASTER, TEST_PRICES, build_app, gateway_environ
 
 # TEST_PRICES: 0.001 a prompt token, 0.002 a completion token. This body reserves
@@ -74,3 +78,22 @@ def test_a_workers_slots_and_budget_holds_share_one_lease_renewer(kclient):
     services = kclient.application.extensions["gateway"]
     assert services.budgets.leases is services.limiter.leases
     assert services.accounting.budgets is services.budgets is services.passthrough.budgets
+
+
+def test_calendar_resets_put_every_daily_budget_on_midnight_in_the_time_zone(vllm, redis_client):
+    env = gateway_environ(vllm.url, REDIS_KEY_PREFIX=redis_client.test_prefix, MODEL_PRICES=TEST_PRICES,
+                          BUDGET_RESETS="calendar", BUDGET_TIMEZONE="Asia/Kolkata")
+    try:
+        client = build_app({"environ": env, "redis": redis_client}).test_client()
+        created, auth = make_key(client, max_budget=1, budget_duration="1d")
+        assert client.post("/vllm/v1/chat/completions", headers=auth, json=BOUNDED).status_code == 200
+        info = client.get("/key/info", headers=auth).get_json()["info"]
+        now = datetime.datetime.now(ZoneInfo("Asia/Kolkata"))
+        midnight = datetime.datetime.combine(now.date() + datetime.timedelta(days=1), datetime.time(), now.tzinfo)
+        assert info["budget_reset_at"] == midnight.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        assert info["spend"] == 0.013
+        services = client.application.extensions["gateway"]
+        stored = services.redis.hget(services.accounting.names.key_spend(created["token"]), "budget_period")
+        assert stored == "c%d" % (midnight - datetime.timedelta(days=1)).timestamp()
+    finally:
+        periods.configure("creation", "UTC")  # the process-wide calendar other tests expect

@@ -11,6 +11,8 @@ import os
 import re
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from gateway.usage import periods
+
 # Values published in docs and tutorials; anyone could guess them.
 KNOWN_WEAK_KEYS = frozenset({
     "sk-1234", "sk-12345", "sk-123456", "sk-1234567890", "sk-master", "sk-admin",
@@ -69,6 +71,10 @@ class Settings:
     spend_log_key_max: int = 10_000  # spend-log entries kept per key (its index), 0: none
     spend_log_end_user_max: int = 1_000  # per end user
     budget_default_max_tokens: int = 1024  # output tokens reserved for a budgeted request with no max_tokens
+    # BUDGET_RESETS: "creation" (periods counted from the key's creation) or "calendar" (midnight,
+    # Monday, the 1st, in BUDGET_TIMEZONE); gateway/usage/periods.py.
+    budget_resets: str = "creation"
+    budget_timezone: str = "UTC"
     # Load-aware routing (README "Routing by vLLM's own load"; gateway/relay/choice.py).
     # ROUTING_STRATEGY: "load" (vLLM's figures), "least_busy" (fewest in flight in the worker; what
     # ROUTING_LOAD_AWARE=0 means) or "round_robin" (each worker takes the replicas in turn, healthy first).
@@ -159,6 +165,10 @@ def _validate(s: Settings) -> None:
     if min(s.spend_log_key_max, s.spend_log_end_user_max, s.budget_default_max_tokens) < 0:
         raise ConfigError("SPEND_LOG_KEY_MAX_ENTRIES, SPEND_LOG_END_USER_MAX_ENTRIES and BUDGET_DEFAULT_MAX_TOKENS "
                           "must be 0 or more")
+    try:
+        periods.BudgetCalendar(s.budget_resets, s.budget_timezone)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if s.redis_pool_timeout <= 0 or s.end_user_stats_ttl <= 0:
         raise ConfigError("REDIS_POOL_TIMEOUT and END_USER_STATS_TTL must be positive")
     if s.redis_ssl_cert_reqs not in ("required", "none"):
@@ -529,6 +539,8 @@ def load_settings(environ=None, **overrides) -> Settings:
         spend_log_key_max=_number(env, "SPEND_LOG_KEY_MAX_ENTRIES", 10_000, int),
         spend_log_end_user_max=_number(env, "SPEND_LOG_END_USER_MAX_ENTRIES", 1_000, int),
         budget_default_max_tokens=_number(env, "BUDGET_DEFAULT_MAX_TOKENS", 1024, int),
+        budget_resets=env.get("BUDGET_RESETS", "").strip().lower() or "creation",
+        budget_timezone=env.get("BUDGET_TIMEZONE", "").strip() or "UTC",
         routing_strategy=(strategy := _routing_strategy(env)),
         routing_load_aware=strategy == "load",
         routing_poll_interval=_number(env, "ROUTING_POLL_INTERVAL", 0.25),

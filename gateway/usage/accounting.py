@@ -30,10 +30,10 @@ import collections
 import logging
 import time
 
-from gateway.core.durations import parse_duration
 from gateway.core.redisconn import REDIS_ERRORS, incidents
 from gateway.core.timefmt import iso
 from gateway.core.runtime import gevent_patched
+from gateway.usage import periods
 from gateway.usage.budgets import BUDGET_FIELDS, Budgets, budget_read
 from gateway.usage.money import as_json, stored_nanos, to_nanos
 from gateway.usage.prices import cost
@@ -47,21 +47,15 @@ BATCH_MAX = 500
 
 
 def budget_period(key: dict, now: float) -> str:
-    """Which budget period `now` falls in: 'all' without budget_duration."""
-    duration = key.get("budget_duration")
-    if not duration:
-        return "all"
-    seconds = parse_duration(duration)
-    return str(int((now - key.get("created_epoch", 0)) // seconds))
+    """Which budget period `now` falls in, for a key or team record: 'all' without
+    budget_duration; otherwise as BUDGET_RESETS cuts them (gateway/usage/periods.py)."""
+    return periods.calendar().bounds(key, now)[0]
 
 
 def budget_reset_at(key: dict, now: float) -> str | None:
-    duration = key.get("budget_duration")
-    if not duration:
-        return None
-    seconds = parse_duration(duration)
-    start = key.get("created_epoch", 0)
-    return iso(start + (int((now - start) // seconds) + 1) * seconds)
+    """When the period `now` falls in ends (ISO), None without budget_duration."""
+    reset = periods.calendar().bounds(key, now)[2]
+    return None if reset is None else iso(reset)
 
 
 def current_budget_spend(key: dict, budget: tuple, now: float) -> float:

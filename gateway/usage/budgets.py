@@ -72,12 +72,16 @@ SETTLED_TTL = 86400
 # nearest nano-dollar, the old field deleted; `reserved` is recounted from the leases themselves.
 # New leases are named `n<nanos>|<request>`.
 #
-# Budget periods are "all" or the number of whole budget_durations since the key was created;
-# a stored period is replaced only by a newer one (or a different kind), so a late charge from a
-# period already over never resets the current one.
+# Budget periods are "all", the number of whole budget_durations since the key was created, or
+# "c<start>" for calendar-aligned resets (gateway/usage/periods.py); a stored period is replaced
+# only by a newer one of its kind (or one of a different kind: the setting changed), so a late
+# charge from a period already over never resets the current one.
 _LUA_HELPERS = """
 local function newer(period, stored)
   if not stored then return true end
+  local calendar, was_calendar = period:sub(1, 1) == 'c', stored:sub(1, 1) == 'c'
+  if calendar ~= was_calendar then return true end
+  if calendar then period, stored = period:sub(2), stored:sub(2) end
   local a, b = tonumber(period), tonumber(stored)
   if a == nil or b == nil then return period ~= stored end
   return a > b

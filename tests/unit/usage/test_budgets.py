@@ -9,7 +9,8 @@ from redis.cluster import key_slot
 
 from gateway.core.errors import GatewayError
 from gateway.core.redisnames import RedisNames
-from gateway.usage.accounting import Accounting
+from gateway.usage import periods
+from gateway.usage.accounting import Accounting, budget_period
 from gateway.usage.budgets import Budgets, output_bound, request_estimate
 from gateway.usage.limits import RateLimiter
 from gateway.usage.prices import parse_prices
@@ -302,3 +303,29 @@ def test_float_noise_of_the_previous_version_is_not_room_left(budgets):
     assert held.value.status == 429
     assert "spend 0.494000 + reserved 0.006000" in held.value.message
     assert nanos(budgets, "budget_spend_nanos") == 494 * MILLI and nanos(budgets, "reserved_nanos") == 6 * MILLI
+
+
+@pytest.fixture
+def calendar_resets():
+    periods.configure("calendar", "UTC")
+    yield
+    periods.configure("creation", "UTC")
+
+
+def test_calendar_periods_replace_each_other_in_order_and_a_change_of_setting_starts_afresh(
+        budgets, accounting, calendar_resets):
+    key = {**KEY, "budget_duration": "1h"}
+    accounting.record(finished(0.09), key)
+    old = spend_hash(budgets)["budget_period"]
+    assert old == budget_period(key, time.time()) and old.startswith("c")
+    with pytest.raises(GatewayError):
+        budgets.reserve(TOKEN, key, old, BOUNDED, "same hour")
+    new = "c%d" % (int(old[1:]) + 3600)  # the next hour
+    hold = budgets.reserve(TOKEN, key, new, BOUNDED, "next hour")
+    assert spend_hash(budgets)["budget_period"] == new and nanos(budgets, "budget_spend_nanos") == 0
+    accounting.record(finished(0.05), key)  # settled late, from the hour before: no reset
+    assert spend_hash(budgets)["budget_period"] == new and nanos(budgets, "budget_spend_nanos") == 0
+    budgets.release_lease(hold)
+    # BUDGET_RESETS back to creation: a period of the other kind replaces the stored one.
+    budgets.reserve(TOKEN, key, "0", BOUNDED, "creation again")
+    assert spend_hash(budgets)["budget_period"] == "0" and nanos(budgets, "budget_spend_nanos") == 0
