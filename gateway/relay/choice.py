@@ -21,7 +21,12 @@ them through Redis); a View carries them only while they are fresh. The rule, in
    worker, then in turn.
 4. Affinity: a request with a session key goes to the replica the key rendezvous-hashes to
    among the scored replicas, unless that replica's score exceeds the best score by more than
-   `affinity_slack`; then to the best.
+   `affinity_slack`; then to the best. The hashing is weighted by each replica's speed: its
+   decode rate (generated tokens per second per running request, from vLLM's
+   `vllm:generation_tokens_total` and `vllm:num_requests_running`, measured by the poller)
+   relative to the fastest replica's, in steps of 0.1 so that small changes move no
+   conversation; a replica half as fast holds about half as many conversations. A replica
+   without a measured rate weighs as much as the fastest.
 5. Fail open: a healthy replica without fresh figures is never refused for that; when no healthy
    replica has fresh figures the choice is the worker's least-in-flight, as without figures at
    all. Replicas without figures come after the scored ones (before the saturated ones) when
@@ -33,6 +38,7 @@ the connection passes it to the next (gateway/relay/replicas.py).
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 # Why a request went where it went (vgw_route_decisions_total's `reason`), a fixed set.
@@ -112,12 +118,36 @@ def _score(waiting, running, kv, sent, policy: Policy, running_ref: float) -> fl
     return policy.w_queue * (waiting + sent) + policy.w_running * running / max(1.0, running_ref) + policy.w_kv * kv
 
 
-def rendezvous(key: str, names) -> str:
+def rendezvous(key: str, names, weights: dict | None = None) -> str:
     """The name `key` hashes to among `names` (highest random weight): stable while the set is,
-    and when a name leaves the set only the keys that hashed to it move."""
-    def weight(name):
+    and when a name leaves the set only the keys that hashed to it move. With `weights` (name ->
+    positive weight; missing: 1), each name gets a share of the keys proportional to its weight
+    (weighted rendezvous hashing: the highest weight / -ln(uniform hash) wins)."""
+    def draw(name):
         return hashlib.blake2b(f"{key}|{name}".encode(), digest_size=8).digest()
-    return max(names, key=weight)
+    if not weights:
+        return max(names, key=draw)
+
+    def weighted(name):
+        uniform = (int.from_bytes(draw(name), "big") + 0.5) / 2**64  # in (0, 1)
+        return -weights.get(name, 1.0) / math.log(uniform)
+    return max(names, key=weighted)
+
+
+SPEED_STEP = 0.1  # weights move in these steps: a small change of measured speed moves nobody
+
+
+def speed_weights(views) -> dict | None:
+    """name -> each replica's decode rate relative to the fastest (SPEED_STEP steps, at least one
+    step), for the replicas whose figures carry a rate; None when fewer than two differ."""
+    rates = {v.name: getattr(v.figures, "decode_rate", None) for v in views if v.figures is not None}
+    rates = {name: rate for name, rate in rates.items() if rate}
+    if len(rates) < 2:
+        return None
+    fastest = max(rates.values())
+    weights = {name: max(SPEED_STEP, round(round(rate / fastest / SPEED_STEP) * SPEED_STEP, 6))
+               for name, rate in rates.items()}
+    return weights if min(weights.values()) < 1.0 else None
 
 
 @dataclass
@@ -161,7 +191,7 @@ def choose(views: list, policy: Policy, session: str | None = None) -> Decision:
     if session is not None and policy.affinity:
         best = target = eligible[0]
         if len(eligible) > 1:
-            target_name = rendezvous(session, [v.name for v in eligible])
+            target_name = rendezvous(session, [v.name for v in eligible], speed_weights(eligible))
             target = next(v for v in eligible if v.name == target_name)
         if target is best or scores[target.name] - scores[best.name] <= policy.affinity_slack:
             if target is not best:

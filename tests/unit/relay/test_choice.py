@@ -1,6 +1,7 @@
 """The replica choice (gateway/relay/choice.py): filter, score, affinity, fail open; the session
 key and the prompt head it may come from (gateway/relay/bodyfields.py prompt_head)."""
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -241,3 +242,39 @@ def test_a_large_body_gives_the_same_head_from_its_one_parse():
     fields = body_fields(big, "application/json")
     assert type(fields).__name__ == "LeanFields" and fields.prompt_source is not None
     assert prompt_head(big, fields, 1024) == head(small)
+
+
+# -- speed-weighted affinity ---------------------------------------------------------------------
+
+def test_weighted_rendezvous_gives_each_replica_a_share_of_sessions_proportional_to_its_weight():
+    replicas = ["fast1", "fast2", "slow"]
+    weights = {"fast1": 1.0, "fast2": 1.0, "slow": 0.5}
+    counts = {name: 0 for name in replicas}
+    for i in range(20000):
+        counts[rendezvous(f"session-{i}", replicas, weights)] += 1
+    assert counts["slow"] / 20000 == pytest.approx(0.5 / 2.5, abs=0.01)
+    assert counts["fast1"] / 20000 == pytest.approx(1 / 2.5, abs=0.015)
+    # A session keeps its replica while the weights stay; one replica leaving moves only its own.
+    before = {i: rendezvous(f"session-{i}", replicas, weights) for i in range(2000)}
+    after = {i: rendezvous(f"session-{i}", ["fast1", "fast2"], weights) for i in range(2000)}
+    assert all(after[i] == before[i] for i in before if before[i] != "slow")
+
+
+def test_speed_weights_are_decode_rates_relative_to_the_fastest_in_tenth_steps():
+    def timed(name, index, rate):
+        return view(name, index, SimpleNamespace(waiting=0, running=1, kv=0.0, decode_rate=rate))
+    views = [timed("a", 0, 60.0), timed("b", 1, 58.0), timed("c", 2, 29.0), view("d", 3, None)]
+    assert choice.speed_weights(views) == {"a": 1.0, "b": 1.0, "c": 0.5}
+    # all alike (within a step), or fewer than two measured: plain rendezvous
+    assert choice.speed_weights([timed("a", 0, 60.0), timed("b", 1, 58.0)]) is None
+    assert choice.speed_weights([timed("a", 0, 60.0), timed("b", 1, None)]) is None
+    # a near-stalled replica still weighs one step
+    assert choice.speed_weights([timed("a", 0, 60.0), timed("b", 1, 0.5)]) == {"a": 1.0, "b": 0.1}
+
+
+def test_a_half_speed_replica_gets_about_half_the_sessions_of_a_fast_one():
+    def timed(name, index, rate):
+        return view(name, index, SimpleNamespace(waiting=0, running=1, kv=0.0, decode_rate=rate))
+    views = [timed("fast1", 0, 60.0), timed("fast2", 1, 60.0), timed("slow", 2, 30.0)]
+    firsts = [names(choose(views, POLICY, session=f"s{i}"))[0] for i in range(6000)]
+    assert firsts.count("slow") / 6000 == pytest.approx(0.2, abs=0.02)
