@@ -20,10 +20,12 @@ from gateway.relay.admission import Admission
 from gateway.relay.choice import Policy
 from gateway.relay.exchange import Passthrough
 from gateway.relay.loadpoller import LoadBoard, LoadPoller
+from gateway.relay.reconcile import Reconciler
 from gateway.relay.replicas import Replicas
 from gateway.relay.transport import build_session
 from gateway.relay.upstream import Upstream
 from gateway.services import Services
+from gateway.teams.store import TeamStore
 from gateway.usage import periods
 from gateway.usage.accounting import Accounting
 from gateway.usage.budgets import Budgets
@@ -67,6 +69,8 @@ def create_app(config=None) -> Flask:
     _register_blueprints(app)
     _install_request_record(app)
     _install_error_handlers(app)
+    if app.extensions["gateway"].deliverer is not None:
+        app.extensions["gateway"].deliverer.start()  # a no-op off gevent (tests call deliver_once)
     return app
 
 
@@ -85,21 +89,50 @@ def build_services(settings: Settings, redis_client, session=None) -> Services:
                         on_error=metrics.upstream_error, on_decision=metrics.route_decision,
                         round_robin=settings.routing_strategy == "round_robin")
     admission = _load_aware_routing(settings, replicas, redis_client, names, metrics)
-    metrics.prepare(replicas=[replica.name for replica in replicas.replicas], token=settings.metrics_token)
+    _reconciliation(settings, replicas, redis_client, names, metrics)
+    metrics.prepare(replicas=[replica.name for replica in replicas.replicas], token=settings.metrics_token,
+                    reconcile=settings.reconcile)
     audit = AuditLog(redis_client, names)
     keystore = KeyStore(redis_client, names, settings.key_cache_ttl, audit=audit)
-    authenticator = Authenticator(settings.master_key, keystore)
+    teams = TeamStore(redis_client, names, audit, settings.key_cache_ttl)
+    authenticator = Authenticator(settings.master_key, keystore, teams)
     limiter = RateLimiter(redis_client, names, settings.parallel_lease_seconds)
     budgets = Budgets(redis_client, names, settings.prices, settings.parallel_lease_seconds,
                       settings.budget_default_max_tokens, leases=limiter.leases)
     log_limits = LogLimits(key_entries=settings.spend_log_key_max, end_user_entries=settings.spend_log_end_user_max)
     accounting = Accounting(redis_client, names, settings.prices, settings.spend_log_max, limiter,
                             end_user_ttl=settings.end_user_stats_ttl, budgets=budgets, log_limits=log_limits)
+    accounting.alerts, deliverer = _budget_alerts(settings, redis_client, metrics)
     passthrough = Passthrough(replicas, upstreams[0].auth_header, authenticator, settings.max_body_bytes,
                               accounting, limiter, metrics, settings.body_read_timeout, budgets, admission=admission)
     return Services(settings=settings, redis=redis_client, session=session, metrics=metrics,
                     replicas=replicas, keystore=keystore, audit=audit, auth=authenticator, limiter=limiter,
-                    budgets=budgets, accounting=accounting, passthrough=passthrough, admission=admission)
+                    budgets=budgets, accounting=accounting, passthrough=passthrough, admission=admission,
+                    teams=teams, alerts=accounting.alerts, deliverer=deliverer)
+
+
+def _budget_alerts(settings: Settings, redis_client, metrics):
+    """(gate, deliverer) of budget alerts (gateway/alerts/), or (None, None) without
+    ALERT_WEBHOOK_URL. The gate is called by the accounting flusher after each settle; the
+    deliverer is started by create_app (one loop per worker: the app is built after fork)."""
+    if not settings.alert_webhook_url:
+        return None, None
+    from gateway.alerts import OUTCOMES, AlertNames, DeliveryPolicy, Deliverer, OnceGate, Outbox
+    from gateway.alerts.webhook import build_session as webhook_session
+
+    names = AlertNames(settings.redis_prefix)
+    outbox = Outbox(redis_client, names, settings.alert_outbox_max)
+    policy = DeliveryPolicy(
+        max_attempts=settings.alert_webhook_max_attempts, max_age=settings.alert_webhook_max_age,
+        backoff_base=settings.alert_webhook_backoff_base, backoff_cap=settings.alert_webhook_backoff_cap,
+        connect_timeout=settings.alert_webhook_connect_timeout, read_timeout=settings.alert_webhook_read_timeout,
+        lease=settings.alert_webhook_lease, poll_interval=settings.alert_webhook_poll_interval)
+    gate = OnceGate(outbox, names, settings.budget_alert_thresholds, count=metrics.budget_alert)
+    deliverer = Deliverer(outbox, settings.alert_webhook_url, settings.alert_webhook_secret, policy,
+                          session=webhook_session(settings.alert_webhook_trust_env), count=metrics.budget_alert)
+    for outcome in OUTCOMES:  # every outcome's series exists from start-up
+        metrics.budget_alerts(outcome)
+    return gate, deliverer
 
 
 def _load_aware_routing(settings: Settings, replicas: Replicas, redis_client, names, metrics):
@@ -126,10 +159,30 @@ def _load_aware_routing(settings: Settings, replicas: Replicas, redis_client, na
     return admission
 
 
-def _register_blueprints(app: Flask) -> None:
-    from blueprints import audit, console, health, keys, metrics, passthrough, replicas, spend
+def _reconciliation(settings: Settings, replicas: Replicas, redis_client, names, metrics) -> None:
+    """Token reconciliation (README "Token reconciliation"; gateway/relay/reconcile.py): this
+    worker's tally on the replica set, flushed and windowed by routing's poller when routing
+    polls, else by a poller of its own that reads /metrics at RECONCILE_POLL_INTERVAL and
+    publishes no load figures (one replica, the common deploy, or routing off)."""
+    if not settings.reconcile:
+        return
+    reconciler = Reconciler(names, [r.name for r in replicas.replicas], window=settings.reconcile_window,
+                            threshold=settings.reconcile_drift_threshold, min_tokens=settings.reconcile_min_tokens,
+                            interval=settings.poll_interval, timeout=settings.routing_poll_timeout, metrics=metrics)
+    poller = replicas.poller
+    if poller is None:
+        poller = replicas.reconcile_poller = LoadPoller(
+            None, replicas.replicas, redis_client, names, interval=settings.reconcile_poll_interval,
+            timeout=settings.routing_poll_timeout, instance_id=settings.instance_id)
+    poller.reconciler = reconciler
+    reconciler.instance_id = poller.instance_id
+    replicas.reconciler = reconciler
 
-    for blueprint in (passthrough.bp, health.bp, keys.bp, spend.bp, audit.bp, metrics.bp, replicas.bp,
+
+def _register_blueprints(app: Flask) -> None:
+    from blueprints import audit, console, health, keys, metrics, passthrough, replicas, spend, teams
+
+    for blueprint in (passthrough.bp, health.bp, keys.bp, teams.bp, spend.bp, audit.bp, metrics.bp, replicas.bp,
                       console.bp):
         app.register_blueprint(blueprint)
 

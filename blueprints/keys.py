@@ -2,22 +2,22 @@
 routes a key's holder may call about that key alone: GET /key/info and GET /key/usage."""
 from __future__ import annotations
 
-import json
-from decimal import Decimal
-
 from flask import Blueprint, g, jsonify, request
 
 from blueprints import services
 from blueprints.args import bool_arg, choice_arg, int_arg, only_args, report_window
 from blueprints.audit import admin_caller, master_only
+from blueprints.jsonbody import json_object
 
 from gateway.core.durations import parse_duration
 from gateway.core.errors import GatewayError
 from gateway.core.redisconn import REDIS_ERRORS, unavailable
 from gateway.core.timefmt import iso
 from gateway.keys.auth import Identity, credential_from, hash_key
-from gateway.keys.fields import KEY_FIELDS, MONEY_FIELDS, encodable, reject_unknown, require_object, validate_fields
+from gateway.keys.fields import KEY_FIELDS, MONEY_FIELDS, encodable, reject_unknown, validate_fields
 from gateway.keys.store import KeyStore
+from gateway.usage.budgetalerts import alerts_sent
+from gateway.usage import modellimits
 from gateway.usage.usagecounters import INTERVALS, in_dollars
 
 bp = Blueprint("keys", __name__, url_prefix="/key")
@@ -57,19 +57,8 @@ def store():
 
 
 def json_body() -> dict:
-    """The request's JSON object; an empty body counts as {}. Money fields are taken from a
-    second, exact parse (Decimal): 0.1 must not arrive as the double nearest 0.1."""
-    raw = request.get_data(cache=True)
-    if not raw.strip():
-        return {}
-    try:
-        payload = require_object(json.loads(raw))
-        if any(isinstance(payload.get(name), float) for name in MONEY_FIELDS):
-            exact = json.loads(raw, parse_float=Decimal)
-            payload.update({name: exact[name] for name in MONEY_FIELDS if isinstance(payload.get(name), float)})
-    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
-        raise GatewayError(400, "the body must be valid JSON") from None
-    return payload
+    """The request's JSON object, money read exactly (model_max_budget holds amounts too)."""
+    return json_object(MONEY_FIELDS, nested_money=("model_max_budget",))
 
 
 def public(record: dict, totals: dict | None = None) -> dict:
@@ -87,6 +76,11 @@ def public(record: dict, totals: dict | None = None) -> dict:
         except REDIS_ERRORS:
             raise unavailable() from None
     shown.update(totals)
+    if services().alerts is not None:  # budget alerts on: which thresholds this period already alerted
+        try:
+            shown["budget_alerts_sent"] = alerts_sent(services().alerts, record["token"], record)
+        except REDIS_ERRORS:
+            raise unavailable() from None
     return shown
 
 
@@ -105,6 +99,7 @@ def _identified(payload: dict) -> dict:
 @bp.post("/generate")
 def generate():
     fields = validate_fields(json_body(), KEY_FIELDS)
+    services().teams.require(fields.get("team_id"))  # a key's team must exist (400 otherwise)
     created = store().generate(fields, caller=admin_caller())
     return jsonify(public(created))
 
@@ -124,7 +119,11 @@ def info():
     record = own_record(identity, key)
     shown = public(record)
     try:
-        shown["limits"] = services().limiter.remaining(record["token"], record)
+        limiter = services().limiter
+        shown["limits"] = limiter.remaining(record["token"], record)
+        models = modellimits.remaining(limiter.redis, limiter.names, record["token"], record)
+        if models is not None:  # per-model limits: what each model has left
+            shown["limits"]["models"] = models
     except REDIS_ERRORS:
         raise unavailable() from None
     return jsonify({"role": "key", "key": record["token"], "info": shown})
@@ -184,6 +183,7 @@ def update():
     if never:
         changes.pop("duration")
     changes = validate_fields(changes, UPDATABLE)
+    services().teams.require(changes.get("team_id"))
     if never:
         changes["duration"] = None
     updated = store().update(record, changes, caller=admin_caller())

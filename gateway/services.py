@@ -33,3 +33,6 @@ class Services:
     accounting: Accounting
     passthrough: Passthrough
     admission: Any = None       # the admission queue (gateway/relay/admission.py), None when off
+    teams: Any = None           # gateway/teams/store.TeamStore (/team/* and a key's team at authentication)
+    alerts: Any = None          # the budget-alert gate (gateway/alerts/once.OnceGate), None when alerts are off
+    deliverer: Any = None       # this worker's webhook deliverer (gateway/alerts/webhook.Deliverer)

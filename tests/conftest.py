@@ -163,6 +163,9 @@ def gateway_environ(vllm_url: str, **extra) -> dict:
         "HOSTED_VLLM_API_KEY": UPSTREAM_KEY,
         "LITELLM_MASTER_KEY": MASTER_KEY,
         "ALLOW_EPHEMERAL_KEYSTORE": "1",  # tests without REDIS_URL use the in-process store
+        # No background /metrics reads on the shared fake (tests count what reached it);
+        # reconciliation's own tests turn it on.
+        "RECONCILE": "0",
     }
     env.update({k: str(v) for k, v in extra.items()})
     return env

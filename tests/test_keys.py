@@ -45,6 +45,7 @@ def test_generate_stores_every_field(kclient):
                   budget_duration="30d", metadata={"owner": "ana"}, user_id="u1", team_id="t1",
                   rpm_limit=10, tpm_limit=1000, max_parallel_requests=2,
                   allowed_routes=["/v1/*"], blocked=False, tags=["prod"])
+    kclient.post("/team/new", headers=MASTER, json={"team_id": "t1"})  # a key's team must exist
     created = gen(kclient, **fields)
     info = kclient.get("/key/info", query_string={"key": created["key"]}, headers=MASTER).get_json()
     for name, value in fields.items():
@@ -113,6 +114,7 @@ def test_plaintext_never_stored(kclient, redis_client):
 
 
 def test_list_paginates_and_filters(kclient):
+    kclient.post("/team/new", headers=MASTER, json={"team_id": "t"})
     for i in range(5):
         gen(kclient, key_alias=f"k{i}", user_id="u-even" if i % 2 == 0 else "u-odd", team_id="t")
     page1 = kclient.get("/key/list?page=1&size=2", headers=MASTER).get_json()

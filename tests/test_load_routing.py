@@ -182,6 +182,27 @@ def test_preemptions_per_second(store):
     assert polling.board.fresh("a").preemption_rate == pytest.approx(3.0, rel=0.05)
 
 
+def test_decode_rate_is_tokens_per_second_per_running_request_smoothed(store):
+    client, names = store
+    read = Readings(a={"generation_tokens_total": 1000.0, "requests_running": 4.0})
+    polling = poller(client, names, read)
+    polling.tick()
+    assert polling.board.fresh("a").decode_rate is None  # nothing measured yet
+
+    def one_second_later(generated, running):
+        window = polling._decode["a"]
+        window[1] -= 1.0  # the window began a second earlier
+        read.figures["a"] = {"generation_tokens_total": generated, "requests_running": running}
+        polling.tick()
+        return polling.board.fresh("a").decode_rate
+
+    # 240 tokens in 1 s while 4 ran: 60 a request; then 20 a request, averaged in at 0.3
+    assert one_second_later(1240.0, 4.0) == pytest.approx(60.0, rel=0.01)
+    assert one_second_later(1320.0, 4.0) == pytest.approx(60.0 + 0.3 * (20.0 - 60.0), rel=0.01)
+    # idle (nothing running): says nothing about speed, the rate is kept
+    assert one_second_later(1320.0, 0.0) == pytest.approx(48.0, rel=0.01)
+
+
 def test_redis_down_fails_open_never_fails(caplog):
     names = RedisNames("test-down:")
     dead = dead_redis()

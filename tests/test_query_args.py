@@ -26,6 +26,7 @@ def test_unknown_filters_are_refused_by_name(kclient, path, param):
 
 
 def test_known_filters_still_work(kclient):
+    kclient.post("/team/new", headers=MASTER, json={"team_id": "t"})
     gen(kclient, key_alias="x", team_id="t")
     gen(kclient, key_alias="y")
     listed = kclient.get("/key/list?team_id=t&page=1&size=5&return_full_object=true", headers=MASTER).get_json()

@@ -69,7 +69,7 @@ def test_usage_report_by_key_model_and_end_user(kclient):
     assert models["series"] == []
 
 
-@pytest.mark.parametrize("query", ["group_by=team", "interval=week", "limit=0", "limit=x", "bogus=1",
+@pytest.mark.parametrize("query", ["group_by=organization", "interval=week", "limit=0", "limit=x", "bogus=1",
                                    "start_date=2026-02-01&end_date=2026-01-01",
                                    "interval=hour&start_date=2020-01-01&end_date=2026-01-01"])
 def test_usage_report_bad_arguments_are_400(kclient, query):

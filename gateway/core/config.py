@@ -11,6 +11,7 @@ import os
 import re
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from gateway.alerts.thresholds import DEFAULT_THRESHOLDS as DEFAULT_ALERT_THRESHOLDS, parse_thresholds
 from gateway.usage import periods
 
 # Values published in docs and tutorials; anyone could guess them.
@@ -75,6 +76,21 @@ class Settings:
     # Monday, the 1st, in BUDGET_TIMEZONE); gateway/usage/periods.py.
     budget_resets: str = "creation"
     budget_timezone: str = "UTC"
+    # Budget alerts (gateway/alerts/): off without ALERT_WEBHOOK_URL. The URL may carry a token
+    # and the secret signs every call: neither is ever shown (repr=False) or logged.
+    alert_webhook_url: str | None = dataclasses.field(default=None, repr=False)
+    alert_webhook_secret: str | None = dataclasses.field(default=None, repr=False)
+    budget_alert_thresholds: tuple = DEFAULT_ALERT_THRESHOLDS  # Fractions of max_budget
+    alert_webhook_max_attempts: int = 10
+    alert_webhook_max_age: float = 86400.0
+    alert_webhook_backoff_base: float = 2.0
+    alert_webhook_backoff_cap: float = 600.0
+    alert_webhook_connect_timeout: float = 2.0
+    alert_webhook_read_timeout: float = 5.0
+    alert_webhook_lease: float = 60.0
+    alert_webhook_poll_interval: float = 1.0
+    alert_outbox_max: int = 10_000
+    alert_webhook_trust_env: bool = False
     # Load-aware routing (README "Routing by vLLM's own load"; gateway/relay/choice.py).
     # ROUTING_STRATEGY: "load" (vLLM's figures), "least_busy" (fewest in flight in the worker; what
     # ROUTING_LOAD_AWARE=0 means) or "round_robin" (each worker takes the replicas in turn, healthy first).
@@ -96,6 +112,15 @@ class Settings:
     routing_queue_max: int = 256         # requests queued per worker (0: refuse at once when saturated)
     routing_queue_timeout: float = 30.0  # longest wait in the queue, then 503
     instance_id: str | None = None       # GATEWAY_INSTANCE_ID; None: host name and gunicorn master pid
+    # Token reconciliation (gateway/relay/reconcile.py): the gateway's token totals per replica
+    # against vLLM's own counters, over windows shared by every worker and instance.
+    # On by default: a tally per worker, and with one replica a /metrics read per instance every
+    # RECONCILE_POLL_INTERVAL (RECONCILE=0: off).
+    reconcile: bool = True
+    reconcile_window: float = 60.0       # seconds per window
+    reconcile_drift_threshold: float = 0.05  # |gateway - vLLM| / vLLM above this is logged (once per window)
+    reconcile_min_tokens: int = 1000     # kinds with fewer tokens in a window are shown but never logged
+    reconcile_poll_interval: float = 5.0  # /metrics read pace when routing does not poll (else ROUTING_POLL_INTERVAL)
 
     def __post_init__(self):
         _validate(self)
@@ -110,8 +135,15 @@ class Settings:
 
     @property
     def routing_polls(self) -> bool:
-        """Whether vLLM's /metrics are read at all: there is a choice to make or a queue to keep."""
+        """Whether routing reads vLLM's /metrics: there is a choice to make or a queue to keep
+        (reconciliation reads them too: `poll_interval`)."""
         return self.routing_load_aware and (len(self.upstream_bases) > 1 or self.routing_admission_on)
+
+    @property
+    def poll_interval(self) -> float:
+        """How often the instance's poller reads /metrics: routing's pace when routing polls,
+        else reconciliation's slower one."""
+        return self.routing_poll_interval if self.routing_polls else self.reconcile_poll_interval
 
     @property
     def redis_topology(self) -> "RedisTopology | None":
@@ -177,6 +209,8 @@ def _validate(s: Settings) -> None:
         check_redis_url(s.redis_url)
     check_redis_topology(s)
     check_routing(s)
+    check_alerts(s)
+    check_reconcile(s)
 
 
 ROUTING_STRATEGIES = ("load", "least_busy", "round_robin")
@@ -221,6 +255,76 @@ def check_routing(s: Settings) -> None:
         raise ConfigError("ROUTING_QUEUE_TIMEOUT must be more than 0 and at most 3600 seconds")
     if s.instance_id is not None and not _INSTANCE_ID.fullmatch(s.instance_id):
         raise ConfigError("GATEWAY_INSTANCE_ID must be 1 to 100 letters, digits or . _ : -")
+
+
+def check_alerts(s: Settings) -> None:
+    """ALERT_WEBHOOK_* and BUDGET_ALERT_THRESHOLDS; messages name the setting, never its value.
+    The delivery limits repeat gateway/alerts/webhook.DeliveryPolicy's checks (which imports
+    `requests`: not here, see the module docstring); app.py builds the policy from these."""
+    if s.alert_webhook_url is None:
+        return
+    parts = urlsplit(s.alert_webhook_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("ALERT_WEBHOOK_URL must be an http:// or https:// URL with a host")
+    if not s.alert_webhook_secret or len(s.alert_webhook_secret) < 16:
+        raise ConfigError("ALERT_WEBHOOK_SECRET must be set, at least 16 characters, when ALERT_WEBHOOK_URL is "
+                          "(e.g. openssl rand -hex 32)")
+    if not 1 <= s.alert_webhook_max_attempts <= 100:
+        raise ConfigError("ALERT_WEBHOOK_MAX_ATTEMPTS must be 1 to 100")
+    if not 0 < s.alert_webhook_max_age <= 7 * 86400:
+        raise ConfigError("ALERT_WEBHOOK_MAX_AGE must be above 0 and at most 7 days")
+    if not 0 < s.alert_webhook_backoff_base <= s.alert_webhook_backoff_cap:
+        raise ConfigError("ALERT_WEBHOOK_BACKOFF_BASE must be above 0 and at most ALERT_WEBHOOK_BACKOFF_CAP")
+    if min(s.alert_webhook_connect_timeout, s.alert_webhook_read_timeout, s.alert_webhook_poll_interval) <= 0:
+        raise ConfigError("ALERT_WEBHOOK_CONNECT_TIMEOUT, _READ_TIMEOUT and _POLL_INTERVAL must be above 0")
+    if s.alert_webhook_lease <= 2 * (s.alert_webhook_connect_timeout + s.alert_webhook_read_timeout):
+        raise ConfigError("ALERT_WEBHOOK_LEASE must exceed twice the connect + read timeouts")
+    if s.alert_outbox_max < 1:
+        raise ConfigError("ALERT_OUTBOX_MAX must be 1 or more")
+
+
+def _seconds(environ, name: str, default: float) -> float:
+    """A duration setting: `24h`, `30m`, … (gateway/core/durations.py) or plain seconds."""
+    from gateway.core.durations import parse_duration
+
+    value = environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return float(value) if re.fullmatch(r"[0-9]+(\.[0-9]+)?", value) else float(parse_duration(value))
+    except ValueError:
+        raise ConfigError(f"{name} must be a duration such as 24h or 30m, or seconds") from None
+
+
+def _alert_thresholds(environ) -> tuple:
+    """BUDGET_ALERT_THRESHOLDS ("0.5,0.8,1.0" or "50%,80%,100%"; set but empty: soft_budget only)."""
+    value = environ.get("BUDGET_ALERT_THRESHOLDS")
+    if value is None:
+        return DEFAULT_ALERT_THRESHOLDS
+    try:
+        return parse_thresholds(value)
+    except ValueError as exc:
+        raise ConfigError(f"BUDGET_ALERT_THRESHOLDS: {exc}") from None
+
+
+def check_reconcile(s: Settings) -> None:
+    """The RECONCILE_* settings, each refused in one line when out of range."""
+    for name, value in (("RECONCILE_WINDOW", s.reconcile_window),
+                        ("RECONCILE_DRIFT_THRESHOLD", s.reconcile_drift_threshold),
+                        ("RECONCILE_POLL_INTERVAL", s.reconcile_poll_interval)):
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if not 1 <= s.reconcile_window <= 86400:
+        raise ConfigError("RECONCILE_WINDOW must be between 1 and 86400 seconds")
+    if not 0 < s.reconcile_drift_threshold <= 10:
+        raise ConfigError("RECONCILE_DRIFT_THRESHOLD must be more than 0 and at most 10 (a ratio: 0.05 is 5%)")
+    if s.reconcile_min_tokens < 0:
+        raise ConfigError("RECONCILE_MIN_TOKENS must be 0 or more")
+    if not 0.05 <= s.reconcile_poll_interval <= 60:
+        raise ConfigError("RECONCILE_POLL_INTERVAL must be between 0.05 and 60 seconds")
+    if s.reconcile and 4 * s.poll_interval > s.reconcile_window:
+        raise ConfigError("RECONCILE_WINDOW must be at least 4 poll intervals (RECONCILE_POLL_INTERVAL, or "
+                          "ROUTING_POLL_INTERVAL when load-aware routing polls), so each window has several readings")
 
 
 def check_metrics_token(token: str, master_key: str) -> None:
@@ -559,6 +663,24 @@ def load_settings(environ=None, **overrides) -> Settings:
         routing_queue_max=_number(env, "ROUTING_QUEUE_MAX", 256, int),
         routing_queue_timeout=_number(env, "ROUTING_QUEUE_TIMEOUT", 30.0),
         instance_id=env.get("GATEWAY_INSTANCE_ID", "").strip() or None,
+        alert_webhook_url=env.get("ALERT_WEBHOOK_URL", "").strip() or None,
+        alert_webhook_secret=env.get("ALERT_WEBHOOK_SECRET") or None,
+        budget_alert_thresholds=_alert_thresholds(env),
+        alert_webhook_max_attempts=_number(env, "ALERT_WEBHOOK_MAX_ATTEMPTS", 10, int),
+        alert_webhook_max_age=_seconds(env, "ALERT_WEBHOOK_MAX_AGE", 86400.0),
+        alert_webhook_backoff_base=_number(env, "ALERT_WEBHOOK_BACKOFF_BASE", 2.0),
+        alert_webhook_backoff_cap=_number(env, "ALERT_WEBHOOK_BACKOFF_CAP", 600.0),
+        alert_webhook_connect_timeout=_number(env, "ALERT_WEBHOOK_CONNECT_TIMEOUT", 2.0),
+        alert_webhook_read_timeout=_number(env, "ALERT_WEBHOOK_READ_TIMEOUT", 5.0),
+        alert_webhook_lease=_number(env, "ALERT_WEBHOOK_LEASE", 60.0),
+        alert_webhook_poll_interval=_number(env, "ALERT_WEBHOOK_POLL_INTERVAL", 1.0),
+        alert_outbox_max=_number(env, "ALERT_OUTBOX_MAX", 10_000, int),
+        alert_webhook_trust_env=_flag(env, "ALERT_WEBHOOK_TRUST_ENV"),
+        reconcile=_switch(env, "RECONCILE", True),
+        reconcile_window=_number(env, "RECONCILE_WINDOW", 60.0),
+        reconcile_drift_threshold=_number(env, "RECONCILE_DRIFT_THRESHOLD", 0.05),
+        reconcile_min_tokens=_number(env, "RECONCILE_MIN_TOKENS", 1000, int),
+        reconcile_poll_interval=_number(env, "RECONCILE_POLL_INTERVAL", 5.0),
     )
     values.update(overrides)
     return Settings(**values)

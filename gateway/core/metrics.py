@@ -63,6 +63,9 @@ UPSTREAM_ERROR_KINDS = (
 # fixed sets, created at 0 (for every replica) at start-up like the upstream errors.
 # The figures of vgw_replica_load (set by the worker answering the scrape, from its shared copy).
 LOAD_FIGURES = ("waiting", "running", "kv", "preemption_rate", "prefix_cache_hit_rate", "age")
+# Token reconciliation (gateway/relay/reconcile.py): the kinds compared and how a window ended.
+RECONCILE_KINDS = ("prompt", "generation")
+RECONCILE_OUTCOMES = ("ok", "drift", "void")
 _WAIT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 PROBE_DEADLINE = 2.0  # /metrics waits this long at most for the vLLM and Redis probes
@@ -224,6 +227,20 @@ class Metrics:
         self.replica_load = _cached(Gauge("vgw_replica_load", "vLLM's own load figures as routing sees them "
                                           "(age in seconds; NaN: none)", ["replica", "figure"],
                                           multiprocess_mode="livemostrecent", registry=r))
+        # Reconciliation, last closed window: set by the worker polling for its instance at each
+        # round (so every instance shows the fleet's last window), NaN until one closed. Not created
+        # at start-up in the other workers: their initial value would hide the poller's.
+        self.tokens_drift = _cached(Gauge("vgw_replica_tokens_drift_ratio", "(gateway - vLLM) / vLLM tokens over "
+                                          "the last closed reconciliation window (NaN: none, void or no ratio)",
+                                          ["replica", "kind"], multiprocess_mode="livemostrecent", registry=r))
+        self.usage_estimated = _cached(Gauge("vgw_replica_usage_estimated_ratio", "Share of the last closed window's "
+                                             "requests whose usage was estimated (NaN: none)", ["replica"],
+                                             multiprocess_mode="livemostrecent", registry=r))
+        self.reconcile_windows = _cached(Counter("vgw_reconcile_windows_total", "Reconciliation windows closed, "
+                                                 "by outcome (counted by the one worker that closed each)",
+                                                 ["replica", "outcome"], registry=r))
+        self.budget_alerts = _cached(Counter("vgw_budget_alerts_total", "Budget alerts, by outcome (queued, "
+                                             "delivered, retried, dropped, lost, overflow)", ["outcome"], registry=r))
         self.key_alias_label = LabelBudget(MAX_KEY_ALIAS_LABELS)
         self.model_label = LabelBudget(MAX_MODEL_LABELS)
         self.scrape_token = ScrapeToken(None)
@@ -235,15 +252,17 @@ class Metrics:
         for reason in SHED_REASONS:
             self.admission_shed(reason)
 
-    def prepare(self, replicas=(), token: str | None = None) -> None:
+    def prepare(self, replicas=(), token: str | None = None, reconcile: bool = False) -> None:
         """At start-up, once the worker's services exist: create the upstream-error series of every
-        replica (named as Replicas names them: the base URL, which never holds credentials) and
-        take METRICS_TOKEN."""
+        replica (named as Replicas names them: the base URL, which never holds credentials), the
+        reconciliation outcomes when it is on, and take METRICS_TOKEN."""
         for replica in replicas:
             for kind in UPSTREAM_ERROR_KINDS:
                 self.upstream_errors(kind, replica)
             for reason in ROUTE_REASONS:
                 self.route_decisions(replica, reason)
+            for outcome in RECONCILE_OUTCOMES if reconcile else ():
+                self.reconcile_windows(replica, outcome)
         self.scrape_token = ScrapeToken(token)
 
     def probe(self, replicas: dict, redis_check) -> None:
@@ -265,6 +284,21 @@ class Metrics:
             for figure in LOAD_FIGURES:
                 value = values[figure]
                 self.replica_load(replica, figure).set(math.nan if value is None else value)
+
+    def show_reconcile(self, replica: str, window) -> None:
+        """Set the reconciliation gauges from a replica's last closed window (reconcile.Window or None)."""
+        for kind in RECONCILE_KINDS:
+            drift = window.drift(kind) if window is not None else None
+            self.tokens_drift(replica, kind).set(math.nan if drift is None else drift)
+        share = window.estimated_ratio if window is not None else None
+        self.usage_estimated(replica).set(math.nan if share is None else share)
+
+    def budget_alert(self, outcome: str, n: int = 1) -> None:
+        """The budget alerts' counter hook (gateway/alerts/: gate and deliverer)."""
+        self.budget_alerts(outcome).inc(n)
+
+    def reconcile_window(self, replica: str, outcome: str) -> None:
+        self.reconcile_windows(replica, outcome).inc()
 
     # -- hooks ------------------------------------------------------------------------------
     def route_decision(self, replica: str, reason: str) -> None:

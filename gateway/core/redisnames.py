@@ -55,6 +55,15 @@ class RedisNames:
     def parallel(self, token: str) -> str:
         return f"{self.prefix}rl:{{{token}}}:parallel"
 
+    # -- per-model limits of one key (gateway/usage/modellimits.py): in the key's slot ----------
+    def model_limit(self, token: str, model: str, what: str, window: int) -> str:
+        """One model's rpm/tpm window or budget-period spend (`what`) for one key; the model is
+        named by a digest (its name comes from the key's settings and may hold any character)."""
+        import hashlib
+
+        digest = hashlib.blake2b(model.encode(), digest_size=8).hexdigest()
+        return f"{self.prefix}ml:{{{token}}}:{digest}:{what}:{window}"
+
     # -- key indexes -------------------------------------------------------------------------
     def alias(self, alias: str) -> str:
         return f"{self.prefix}alias:{alias}"
@@ -64,6 +73,22 @@ class RedisNames:
 
     def keys_by_team(self, team_id: str) -> str:
         return f"{self.prefix}keys:team:{team_id}"
+
+    # -- teams (gateway/teams/store.py) ---------------------------------------------------------
+    # A team's spend, budget reservations and rate-limit windows are named by the helpers above
+    # with the subject `team:<id>` (hash tag {team:<id>}, one slot per team), so the budget and
+    # limit scripts run unchanged on them. Key tokens are hex: no subject collides with a key.
+    @staticmethod
+    def team_subject(team_id: str) -> str:
+        return f"team:{team_id}"
+
+    def team_record(self, team_id: str) -> str:
+        """A team's JSON record, in its subject's slot."""
+        return f"{self.prefix}team:{{team:{team_id}}}"
+
+    def teams_by_created(self) -> str:
+        """Every team id, scored by its creation epoch (the /team/list order)."""
+        return f"{self.prefix}teams:created"
 
     # -- end users -----------------------------------------------------------------------------
     def end_user_stats(self, bucket: str, end_user: str) -> str:
@@ -97,6 +122,21 @@ class RedisNames:
 
     def replica_load(self, replica: str) -> str:
         """One replica's shared load figures (a hash), named by a digest of its base URL."""
-        import hashlib
+        return f"{self.prefix}load:{_replica_digest(replica)}"
 
-        return f"{self.prefix}load:{hashlib.blake2b(replica.encode(), digest_size=8).hexdigest()}"
+    # -- token reconciliation (gateway/relay/reconcile.py) ----------------------------------------
+    # The window's script reads and writes both hashes of a replica: one hash tag, one slot.
+    def reconcile_window(self, replica: str) -> str:
+        """One replica's open window (a hash): the gateway's tallies, vLLM's counters."""
+        return f"{self.prefix}recon:{{{_replica_digest(replica)}}}"
+
+    def reconcile_last(self, replica: str) -> str:
+        """One replica's last closed window (a hash): both totals, when, and whether it is void."""
+        return f"{self.prefix}recon:{{{_replica_digest(replica)}}}:last"
+
+
+def _replica_digest(replica: str) -> str:
+    """16 hex digits naming a replica's base URL (which may be long; never a credential)."""
+    import hashlib
+
+    return hashlib.blake2b(replica.encode(), digest_size=8).hexdigest()

@@ -21,7 +21,9 @@ import time
 from gateway.core.redisnames import RedisNames
 from gateway.core.timefmt import iso
 
-ACTIONS = ("generate", "update", "block", "unblock", "regenerate", "delete")
+ACTIONS = ("generate", "update", "block", "unblock", "regenerate", "delete",
+           # Team changes (gateway/teams/store.py): `token` null, `team_id` and `team_alias` set.
+           "team_new", "team_update", "team_block", "team_unblock", "team_delete")
 MAX_ENTRIES = 10_000
 MAX_AGE_DAYS = 90
 VALUE_CHARS = 200

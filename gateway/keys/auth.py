@@ -16,6 +16,7 @@ class Identity:
     token: str | None = None
     key: dict | None = None
     budget: tuple = (None, None)  # (budget period id, spend in that period) as read from Redis
+    team: dict | None = None  # the key's team record (gateway/teams/store.py), when it has one
 
     @property
     def label(self) -> str:
@@ -51,9 +52,10 @@ def hash_key(key: str) -> str:
 class Authenticator:
     """Checks the master key in constant time; virtual keys go to the keystore when there is one."""
 
-    def __init__(self, master_key: str, keystore=None):
+    def __init__(self, master_key: str, keystore=None, teams=None):
         self._master_digest = hashlib.sha256(master_key.encode()).digest()
         self.keystore = keystore
+        self.teams = teams  # gateway/teams/store.TeamStore: a key's team is read with the key
 
     def is_master(self, credential: str) -> bool:
         # Comparing digests keeps the time independent of the key's length and content.
@@ -68,7 +70,20 @@ class Authenticator:
             return Identity(is_master=True)
         if self.keystore is None:
             raise GatewayError(401, "Invalid API key", kind="invalid_key")
-        return self.keystore.authenticate(credential)
+        return self.with_team(self.keystore.authenticate(credential))
+
+    def with_team(self, identity: Identity) -> Identity:
+        """Attach the key's team; a blocked team blocks its keys (401, as a blocked key). A key
+        naming a team that does not exist (deleted, or a label set before teams existed) has no
+        team limits, as before."""
+        team_id = (identity.key or {}).get("team_id")
+        if self.teams is None or not team_id:
+            return identity
+        team = self.teams.lookup(team_id)
+        if team is not None and team.get("blocked"):
+            raise GatewayError(401, "API key's team is blocked", "auth_error", kind="blocked_key")
+        identity.team = team
+        return identity
 
     def require_master(self, environ) -> Identity:
         """For admin routes: the master key, or 401/403."""

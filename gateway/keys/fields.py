@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from gateway.core.durations import parse_duration
 from gateway.core.errors import GatewayError
+from gateway.keys.compat import without_unsupported
 from gateway.usage.money import api_nanos, as_json
 
 MAX_TEXT = 256
@@ -111,14 +112,61 @@ def _blocked(field, value):
     return value
 
 
-MONEY_FIELDS = ("max_budget",)  # read from the request as Decimal, not float
+ALL_PROXY_MODELS = "all-proxy-models"  # LiteLLM's name for "every model": no restriction
+
+
+def _models(field, value):
+    """A model allow-list; `all-proxy-models` (LiteLLM's spelling of "every model") is kept as
+    given and lifts the restriction (gateway/keys/policy.py check_model)."""
+    return _text_list(field, value)
+
+
+def _model_map(field, value, check) -> dict:
+    """{model name: setting}, each setting checked by `check(field[model], setting)`."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > MAX_LIST:
+        raise _bad(field, f"must be a JSON object of at most {MAX_LIST} models")
+    return {_text(f"{field}.{model}", model, allow_none=False): check(f"{field}.{model}", setting)
+            for model, setting in value.items()}
+
+
+def _aliases(field, value):
+    """{"alias": "real-model"}: the body's `model` named by an alias is rewritten before vLLM."""
+    return _model_map(field, value, lambda name, target: _text(name, target, allow_none=False))
+
+
+def _model_counts(field, value):
+    """model_rpm_limit / model_tpm_limit: {"model": whole number per minute} (LiteLLM's shape)."""
+    def count(name, limit):
+        if limit is None:
+            raise _bad(name, "must be a whole number (leave the model out for no limit)")
+        return _count(name, limit)
+    return _model_map(field, value, count)
+
+
+def _model_budgets(field, value):
+    """model_max_budget: {"model": {"budget_limit": dollars, "time_period": "1d"}} (LiteLLM's
+    BudgetConfig); the budget is exact like max_budget, the period any duration."""
+    def budget(name, config):
+        if not isinstance(config, dict) or set(config) - {"budget_limit", "time_period"}:
+            raise _bad(name, 'must be {"budget_limit": <dollars>, "time_period": "<duration, e.g. 1d>"}')
+        if config.get("budget_limit") is None or config.get("time_period") is None:
+            raise _bad(name, "needs both budget_limit and time_period")
+        return {"budget_limit": _money(f"{name}.budget_limit", config["budget_limit"]),
+                "time_period": _duration(f"{name}.time_period", config["time_period"])}
+    return _model_map(field, value, budget)
+
+
+MONEY_FIELDS = ("max_budget", "soft_budget")  # read from the request as Decimal, not float
 
 # Field name -> validator. These are stored on the key; limits and budgets are enforced per request.
 KEY_FIELDS = {
     "key_alias": _text,
     "duration": _duration,
-    "models": _text_list,
+    "models": _models,
     "max_budget": _money,
+    "soft_budget": _money,  # alerts only (gateway/alerts/): crossing it never refuses a request
     "budget_duration": _duration,
     "metadata": _metadata,
     "user_id": _text,
@@ -130,6 +178,10 @@ KEY_FIELDS = {
     "key": _custom_key,
     "blocked": _blocked,
     "tags": _text_list,
+    "aliases": _aliases,
+    "model_rpm_limit": _model_counts,
+    "model_tpm_limit": _model_counts,
+    "model_max_budget": _model_budgets,
 }
 
 
@@ -148,5 +200,7 @@ def reject_unknown(payload, allowed) -> dict:
 
 
 def validate_fields(payload: dict, allowed) -> dict:
-    """Check each given field against its validator; unknown fields are refused by name."""
+    """Check each given field against its validator; unknown fields are refused by name, and a
+    LiteLLM field this gateway lacks with a message saying what to use (gateway/keys/compat.py)."""
+    payload = without_unsupported(require_object(payload))
     return {name: KEY_FIELDS[name](name, value) for name, value in reject_unknown(payload, allowed).items()}

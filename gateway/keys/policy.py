@@ -9,6 +9,7 @@ import re
 from urllib.parse import unquote
 
 from gateway.core.errors import GatewayError
+from gateway.keys.fields import ALL_PROXY_MODELS
 
 # What a virtual key may call, the rule written down (README, "What a virtual key may call"):
 #   1. every route under a prefix that vLLM's own `--api-key` guards (`/v1/`, `/v2/`,
@@ -63,7 +64,7 @@ def check_route(path: str, key: dict) -> None:
 def check_model(fields: dict | None, key: dict, has_body: bool) -> None:
     """With a model allow-list, the body's model must be on it; unreadable means refused."""
     models = key.get("models") or []
-    if not models or not has_body:
+    if not models or not has_body or ALL_PROXY_MODELS in models:  # LiteLLM's "every model"
         return
     model = fields.get("model") if fields is not None else None
     if not isinstance(model, str):
@@ -71,3 +72,14 @@ def check_model(fields: dict | None, key: dict, has_body: bool) -> None:
                                 "not be read from its body", "key_model_access_denied", param="model")
     if model not in models:
         raise GatewayError(403, f"this key may not use model {model!r}", "key_model_access_denied", param="model")
+
+
+def aliased_model(fields: dict | None, key: dict) -> str | None:
+    """The model a key's `aliases` maps the body's `model` to, or None (no alias applies).
+    The rewrite happens before the model check, so `models` and the per-model limits name the
+    real model, the one vLLM serves and accounting records."""
+    aliases = key.get("aliases")
+    model = fields.get("model") if fields is not None and aliases else None
+    if isinstance(model, str) and model in aliases:
+        return aliases[model]
+    return None

@@ -373,3 +373,92 @@ class _FormReader:
     def _part_end(self) -> None:
         value = _FILE if self._is_file else self._decode(bytes(self._data))
         self.values.setdefault(self._name, []).append(value)
+
+
+# -- the one sanctioned body rewrite: a key's model alias (gateway/keys/policy.py aliased_model) --
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_STRUCTURAL = re.compile(rb'["{}\[\],]')  # jumps over numbers, literals and spaces at C speed
+
+
+def rewrite_model(body: bytes, model: str) -> bytes | None:
+    """`body` with the value of every top-level `"model"` member replaced by `model` (JSON-quoted)
+    and every other byte kept; None when it is not a JSON object with a string `model` there.
+    Only the member's value bytes change: no re-encoding, so the rest stays as the caller sent it
+    (and vLLM, which keeps the last duplicate, still reads the new name). Content-Length is
+    recomputed by the transport from the new bytes. Past SMALL_BODY the byte scan (a Python step
+    per bracket: 8 s for 15 MB of `{},`) would stall the worker, so the object is rebuilt from
+    msgspec's raw member values instead: every value's bytes kept, whitespace between top-level
+    members and duplicate members dropped."""
+    value = json.dumps(model).encode()
+    if len(body) > SMALL_BODY:
+        return _rebuilt_with_model(body, value)
+    spans = _model_value_spans(body)
+    if not spans:
+        return None
+    out, last = [], 0
+    for start, end in spans:
+        out += [body[last:start], value]
+        last = end
+    out.append(body[last:])
+    return b"".join(out)
+
+
+def _model_value_spans(body: bytes) -> list:
+    """(start, end) of each top-level member value named "model" that is a JSON string."""
+    i, depth, spans, n = 0, 0, [], len(body)
+    expect_key = False
+    while i < n:
+        found = _STRUCTURAL.search(body, i)
+        if found is None:
+            break
+        i = found.start()
+        c = body[i:i + 1]
+        if c == b'"':
+            match = _STRING.match(body, i)
+            if match is None:
+                return []
+            end = match.end()
+            if depth == 1 and expect_key and _is_model_key(match.group()):
+                j = end
+                while j < n and body[j:j + 1] in (b" ", b"\t", b"\r", b"\n", b":"):
+                    j += 1
+                value = _STRING.match(body, j) if body[j:j + 1] == b'"' else None
+                if value is None:
+                    return []  # a model that is not a string: leave the body alone
+                spans.append((j, value.end()))
+                end = value.end()
+            expect_key = False
+            i = end
+            continue
+        if c in (b"{", b"["):
+            depth += 1
+            expect_key = c == b"{" and depth == 1
+        elif c in (b"}", b"]"):
+            depth -= 1
+        elif c == b"," and depth == 1:
+            expect_key = True
+        i += 1
+    return spans
+
+
+def _is_model_key(quoted: bytes) -> bool:
+    """A member name spelling "model", escapes included ("mod\\u0065l"), as json.loads reads it."""
+    if quoted == b'"model"':
+        return True
+    try:
+        return json.loads(quoted) == "model"
+    except ValueError:
+        return False
+
+
+def _rebuilt_with_model(body: bytes, value: bytes) -> bytes | None:
+    """A large JSON object rebuilt member by member from raw value slices, `model` replaced."""
+    try:
+        members = msgspec.json.decode(body, type=dict[str, msgspec.Raw])
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if not bytes(members.get("model", b""))[:1] == b'"':
+        return None
+    parts = [json.dumps(name).encode() + b":" + (value if name == "model" else bytes(raw))
+             for name, raw in members.items()]
+    return b"{" + b",".join(parts) + b"}"

@@ -18,7 +18,8 @@ from gateway.core.errors import GatewayError
 from gateway.core.metrics import route_group
 from gateway.keys import policy
 from gateway.keys.fields import encodable
-from gateway.relay.bodyfields import body_fields, prompt_head
+from gateway.teams import admission as teams
+from gateway.relay.bodyfields import body_fields, prompt_head, rewrite_model
 from gateway.relay.choice import session_key
 from gateway.relay.disconnect import interrupt_wait_on_hang_up
 from gateway.relay.replicas import creates_response, response_id_in, sticky_id
@@ -26,6 +27,7 @@ from gateway.relay.response import RelayedBody, read_small_body, response_header
 from gateway.relay.target import PREFIX, forward_headers, read_body, vllm_target
 from gateway.usage.accounting import budget_period, current_budget_spend
 from gateway.usage.budgets import budget_exceeded
+from gateway.usage.modellimits import ModelLimits, applies as model_limited
 from gateway.usage.tap import Usage, UsageTap, clean_label
 
 log = logging.getLogger("gateway")
@@ -84,7 +86,7 @@ class Exchange:
     """One /vllm request from admission to accounting."""
 
     __slots__ = ("passthrough", "record", "identity", "path", "fields", "end_user", "slot", "hold", "tap",
-                 "replica", "route", "queued", "capture_id", "finished", "_used")
+                 "replica", "route", "queued", "capture_id", "finished", "_used", "team")
 
     def __init__(self, passthrough, record, identity, path):
         self.passthrough = passthrough
@@ -97,6 +99,7 @@ class Exchange:
         self.end_user = None
         self.slot = None
         self.hold = None  # the request's budget reservation, settled by accounting
+        self.team = None  # what it holds of its key's team (gateway/teams/admission.py TeamShare)
         self.tap = None
         self.replica = None
         self.route = None   # why that replica (choice.ROUTE_REASONS)
@@ -117,6 +120,8 @@ class Exchange:
         caller has it, so the caller's next request never finds this one's estimate still held."""
         if self.hold is not None and self.tap is not None:
             self.passthrough.budgets.adjust_now(self.hold, self.used()[1])
+        if self.team is not None and self.team.hold is not None and self.tap is not None:
+            self.passthrough.budgets.adjust_now(self.team.hold, self.used()[1])
 
     def used(self) -> tuple:
         """(usage, cost) of the request, worked out once, when its answer is complete."""
@@ -146,12 +151,15 @@ class Exchange:
         if self.replica is not None:
             self.passthrough.replicas.release(self.replica)
         usage, spend = self.used()
+        if self.replica is not None:  # reconciliation's tally: memory only, flushed by the poller
+            self.passthrough.replicas.tally(self.replica, usage)
         accounting = self.passthrough.accounting
         key = self.identity.key
         entry = {
             "request_id": record.request_id,
             "token": self.identity.token,
             "key_alias": key.get("key_alias") if key else None,
+            "team_id": self.team.team_id if self.team is not None else None,
             "caller": record.caller,
             "end_user": self.end_user,
             "model": usage.model,
@@ -177,7 +185,7 @@ class Exchange:
             record.extra.update(replica=self.replica.name, route=self.route)
         if self.queued:
             record.extra["queued_ms"] = round(self.queued * 1000, 2)
-        accounting.record(entry, key, self.slot, self.hold)
+        accounting.record(entry, key, self.slot, self.hold, team=self.team)
         metrics = self.passthrough.metrics
         alias = entry["key_alias"] or ("master" if self.identity.is_master else "(no alias)")
         metrics.usage(alias, usage.model or "unknown", usage.prompt_tokens, usage.completion_tokens, spend)
@@ -199,6 +207,7 @@ class Passthrough:
         self.body_timeout = body_timeout
         self.accounting = accounting
         self.limiter = limiter
+        self.model_limits = ModelLimits(limiter.redis, limiter.names) if limiter is not None else None
         self.budgets = budgets if budgets is not None else accounting.budgets
 
     def relay(self, environ, record) -> Relayed:
@@ -276,19 +285,51 @@ class Passthrough:
             self._check_budget(key, identity.budget)
             if self.limiter.applies(key):
                 exchange.slot = self.limiter.acquire(identity.token, key, record.request_id)
+            exchange.team = teams.admit_headers(self.limiter, self.accounting.names, identity, record.request_id,
+                                                exchange.slot)
         body = read_body(environ, self.max_body_bytes, self.body_timeout)
         record.bytes_in = len(body)
-        exchange.fields = request_fields(body, environ.get("CONTENT_TYPE"), forms=bool(key and key.get("models")))
+        # A form's model is read too when something checks it: the key's or its team's models, or
+        # per-model limits.
+        team_models = exchange.team is not None and exchange.team.team.get("models")
+        forms = bool(key and (key.get("models") or team_models or model_limited(key)))
+        exchange.fields = request_fields(body, environ.get("CONTENT_TYPE"), forms=forms)
+        if key is not None and key.get("aliases"):
+            body = self._apply_alias(exchange, key, body)
         exchange.end_user = end_user_of(environ, exchange.fields)
+        model_slot = None
         if key is not None:
             try:
                 policy.check_model(exchange.fields, key, bool(body))
+                if self.model_limits is not None:  # per-model limits (gateway/usage/modellimits.py)
+                    model_slot = self.model_limits.admit(identity.token, key, (exchange.fields or {}).get("model"),
+                                                         bool(body))
                 exchange.hold = self._reserve_budget(exchange)
+                teams.admit_body(exchange.team, self.budgets, exchange.fields, bool(body), record.wall,
+                                 record.request_id)
             except GatewayError:
                 if exchange.slot is not None:
                     self.limiter.refund(exchange.slot)
+                if model_slot is not None:
+                    self.model_limits.refund(model_slot)
+                if exchange.team is not None:
+                    exchange.team.refund(self.limiter)
                 raise
         return body
+
+    @staticmethod
+    def _apply_alias(exchange, key: dict, body: bytes) -> bytes:
+        """The one sanctioned body rewrite: a key's `aliases` entry for the body's `model` puts the
+        real model name in its place (gateway/relay/bodyfields.py rewrite_model; every other byte
+        kept). The checks after it and accounting see the real model."""
+        real = policy.aliased_model(exchange.fields, key)
+        if real is None:
+            return body
+        rewritten = rewrite_model(body, real)
+        if rewritten is None:  # not a JSON object with a string model (e.g. a form): sent as it is
+            return body
+        exchange.fields["model"] = real
+        return rewritten
 
     @staticmethod
     def _check_budget(key: dict, budget: tuple) -> None:
@@ -329,6 +370,8 @@ class Passthrough:
                 # vLLM's work is done: free the parallel slot before the caller has the answer, so
                 # its next request (often sent the moment this one arrives) never finds it taken.
                 self.limiter.release(exchange.slot)
+            if exchange.team is not None and exchange.team.slot is not None:
+                self.limiter.release(exchange.team.slot)  # likewise the team's
             return Relayed(status_line, headers, [small], exchange.close)
         record.stream = True
         self.metrics.streams_open.inc()

@@ -11,6 +11,11 @@ every ROUTING_POLL_INTERVAL:
    ROUTING_POLL_TIMEOUT) and publishes each replica's figures in a second round trip;
 3. wakes the admission queue (gateway/relay/admission.py): figures may have cleared.
 
+Token reconciliation (gateway/relay/reconcile.py) rides on the same rounds: each worker's
+tallies are added to Redis in step 1's round trip, and the lease holder hands vLLM's token
+counters to the window script in step 2's. With reconciliation alone (one replica, or routing
+off) the poller has no `board`: it publishes no load figures and runs at RECONCILE_POLL_INTERVAL.
+
 So one worker per instance polls (the master of gunicorn must not do I/O: gevent patches at
 worker boot), and another takes over within 3 intervals when it stops. Each instance polls
 (several instances: several readers); the newest reading wins: the publish script stamps the
@@ -29,6 +34,7 @@ Without gevent (tests, a dev server) nothing runs in the background: `tick()` do
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
@@ -39,7 +45,7 @@ from dataclasses import dataclass
 
 from gateway.core.redisconn import REDIS_ERRORS, incidents
 from gateway.core.runtime import gevent_patched
-from gateway.relay.vllmload import LoadUnreadable, read_load
+from gateway.relay.vllmload import LoadUnreadable, read_reading
 
 log = logging.getLogger("gateway")
 
@@ -83,7 +89,8 @@ return {1, t[1], t[2], stamp}
 _FROM_READING = {"waiting": "requests_waiting", "running": "requests_running", "kv": "kv_cache_usage",
                  "preemptions_total": "preemptions_total", "prefix_hits_total": "prefix_cache_hits_total",
                  "prefix_queries_total": "prefix_cache_queries_total"}
-NUMBERS = (*_FROM_READING, "preemption_rate")
+NUMBERS = (*_FROM_READING, "preemption_rate", "decode_rate")
+DECODE_SMOOTHING = 0.3       # weight of the newest window in the decode rate's moving average
 
 
 def default_instance_id() -> str:
@@ -105,6 +112,8 @@ class Figures:
     read_at: float        # when vLLM was read, on Redis' clock (epoch seconds)
     by: str               # the instance that read it
     read_mono: float      # the same moment on this process' monotonic clock
+    # Generated tokens per second per running request (the replica's speed; choice.speed_weights).
+    decode_rate: float | None = None
 
     def age(self, now: float | None = None) -> float:
         return max((time.monotonic() if now is None else now) - self.read_mono, 0.0)
@@ -184,12 +193,14 @@ class LoadBoard:
 
 
 class LoadPoller:
-    """The per-worker loop: lease, refresh, and (lease holder only) poll and publish."""
+    """The per-worker loop: lease, refresh, and (lease holder only) poll and publish. `board`
+    None: no load figures (reconciliation only); `reconciler` None: no reconciliation."""
 
-    def __init__(self, board: LoadBoard, replicas, redis, names, *, interval: float, timeout: float,
+    def __init__(self, board: LoadBoard | None, replicas, redis, names, *, interval: float, timeout: float,
                  instance_id: str | None = None, worker_id: str | None = None, background: bool | None = None,
-                 on_refresh=None, read=read_load):
+                 on_refresh=None, read=read_reading, reconciler=None):
         self.board = board
+        self.reconciler = reconciler
         self.replicas = list(replicas)   # Replica objects (name, upstream)
         self.redis = redis
         self.interval = interval
@@ -198,7 +209,8 @@ class LoadPoller:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.lease_key = names.poller_lease(self.instance_id)
         self.lease_ms = max(int(interval * LEASE_INTERVALS * 1000), 1)
-        self.figures_ttl_ms = max(int(board.stale_after * FIGURES_TTL_FACTOR * 1000), 1000)
+        self.figures_ttl_ms = (max(int(board.stale_after * FIGURES_TTL_FACTOR * 1000), 1000)
+                               if board is not None else None)
         self.background = gevent_patched() if background is None else background
         self.on_refresh = on_refresh    # called after every round (the admission queue's pump)
         self.read = read
@@ -209,6 +221,8 @@ class LoadPoller:
         self._unreadable: dict[str, str] = {}      # name -> why, while its /metrics cannot be read
         self._baseline: dict[str, tuple] = {}      # name -> (preemptions_total, mono) for the rate
         self._rates: dict[str, float | None] = {}
+        self._decode: dict[str, list] = {}          # name -> [generation_total, mono, running sum, samples]
+        self._decode_rates: dict[str, float] = {}
         self._started = False
         self._lock = threading.Lock()
 
@@ -223,9 +237,25 @@ class LoadPoller:
             self._started = True
         # Under gevent's monkey-patching this thread is a greenlet.
         threading.Thread(target=self._loop, name="vllm-load-poller", daemon=True).start()
+        if self.reconciler is not None:
+            atexit.register(self.flush_tally)  # a graceful restart would lose up to an interval's counts
+
+    def flush_tally(self) -> None:
+        """Hand this worker's reconciliation tally to Redis now (at exit); best effort."""
+        pipe = self.redis.pipeline(transaction=False)
+        if self.reconciler.queue_flush(pipe)[1]:
+            try:
+                pipe.execute()
+            except REDIS_ERRORS:
+                pass  # the window drifts by these counts; nothing else can be done at exit
 
     def _loop(self) -> None:
         failing = None
+        if self.board is None:
+            # Reconciliation alone has nothing to do before requests ran (its window starts at the
+            # first reading), so the first round waits an interval: a worker started for a few
+            # requests does not read /metrics beside them.
+            time.sleep(self.interval)
         while True:
             began = time.monotonic()
             try:
@@ -246,7 +276,8 @@ class LoadPoller:
         except REDIS_ERRORS as exc:
             self.holder = False
             incidents.report(exc, "vLLM's load figures are not shared meanwhile: routing falls back to each "
-                                  "worker's least-in-flight choice.")
+                                  "worker's least-in-flight choice." if self.board is not None else
+                                  "token reconciliation pauses meanwhile (tallies are kept).")
         finally:
             if self.on_refresh is not None:
                 self.on_refresh()
@@ -255,12 +286,20 @@ class LoadPoller:
     def _refresh(self) -> None:
         pipe = self.redis.pipeline(transaction=False)
         pipe.execute_command("EVAL", _LEASE, 1, self.lease_key, self.worker_id, self.lease_ms)
-        self.board.queue_read(pipe)
-        replies = pipe.execute()
+        if self.board is not None:
+            self.board.queue_read(pipe)
+        flushed = self.reconciler.queue_flush(pipe)[0] if self.reconciler is not None else None
+        try:
+            replies = pipe.execute()
+        except REDIS_ERRORS:
+            if flushed:
+                self.reconciler.tally.give_back(flushed)  # delivered with the next round instead
+            raise
         mono = time.monotonic()
         held, seconds, microseconds = replies[0]
         self.holder = bool(int(held))
-        self.board.apply(replies[1:], _server_time(seconds, microseconds), mono)
+        if self.board is not None:
+            self.board.apply(replies[1:1 + len(self.board.keys)], _server_time(seconds, microseconds), mono)
 
     # -- polling (lease holder) ----------------------------------------------------------------
     def _poll(self) -> dict:
@@ -298,28 +337,38 @@ class LoadPoller:
             self._readings[replica.name] = (reading, time.monotonic())
 
     def _publish(self, readings: dict) -> None:
+        """One round trip: each readable replica's load figures (when routing uses them) and its
+        token counters for the reconciliation window (when on)."""
         if not readings:
             return
         pipe = self.redis.pipeline(transaction=False)
-        queued = []
+        queued = []   # ("load", name, values) or ("window", name, None), in the pipeline's order
         now = time.monotonic()
         for name, (reading, read_mono) in readings.items():
             if isinstance(reading, LoadUnreadable):
                 self._note_unreadable(name, str(reading))
                 continue
             self._note_readable(name)
-            values = self._values(name, reading, read_mono)
-            args = [max(now - read_mono, 0.0), self.figures_ttl_ms]
-            for field, value in values.items():
-                args += [field, _text(value)]
-            args += ["by", self.instance_id]
-            pipe.execute_command("EVAL", _PUBLISH, 1, self.board.keys[name], *args)
-            queued.append((name, values))
+            age = max(now - read_mono, 0.0)
+            if self.board is not None:
+                values = self._values(name, reading, read_mono)
+                args = [age, self.figures_ttl_ms]
+                for field, value in values.items():
+                    args += [field, _text(value)]
+                args += ["by", self.instance_id]
+                pipe.execute_command("EVAL", _PUBLISH, 1, self.board.keys[name], *args)
+                queued.append(("load", name, values))
+            if self.reconciler is not None and self.reconciler.queue_reading(pipe, name, reading, age):
+                queued.append(("window", name, None))
         if not queued:
             return
         replies = pipe.execute()
         mono = time.monotonic()
-        for (name, values), (written, seconds, microseconds, stamp) in zip(queued, replies):
+        for (kind, name, values), reply in zip(queued, replies):
+            if kind == "window":
+                self.reconciler.apply(name, reply)
+                continue
+            written, seconds, microseconds, stamp = reply
             if int(written):
                 found = {field: _text(value) for field, value in values.items()}
                 found.update(read_at=stamp, by=self.instance_id)
@@ -329,7 +378,34 @@ class LoadPoller:
     def _values(self, name: str, reading: dict, read_mono: float) -> dict:
         values = {field: reading.get(source) for field, source in _FROM_READING.items()}
         values["preemption_rate"] = self._preemption_rate(name, values["preemptions_total"], read_mono)
+        values["decode_rate"] = self._decode_rate(name, reading.get("generation_tokens_total"),
+                                                  values["running"], read_mono)
         return values
+
+    def _decode_rate(self, name: str, generated, running, read_mono: float):
+        """Tokens generated per second per running request, over windows of RATE_WINDOW or more
+        (the mean of `running` over the window's readings), smoothed across windows; windows with
+        less than one request running on average say nothing about speed and are skipped.
+        Until this worker has measured one, the rate last published is carried on."""
+        if generated is None or running is None:
+            return None
+        window = self._decode.get(name)
+        if window is None or generated < window[0]:  # first reading, or vLLM restarted
+            self._decode[name] = [generated, read_mono, 0.0, 0]
+            shared = self.board.figures.get(name) if self.board is not None else None
+            return self._decode_rates.get(name, shared.decode_rate if shared is not None else None)
+        window[2] += running
+        window[3] += 1
+        elapsed = read_mono - window[1]
+        if elapsed >= RATE_WINDOW:
+            mean_running = window[2] / window[3]
+            if mean_running >= 1:
+                rate = (generated - window[0]) / elapsed / mean_running
+                previous = self._decode_rates.get(name)
+                self._decode_rates[name] = rate if previous is None else \
+                    previous + DECODE_SMOOTHING * (rate - previous)
+            self._decode[name] = [generated, read_mono, 0.0, 0]
+        return self._decode_rates.get(name)
 
     def _preemption_rate(self, name: str, total, read_mono: float):
         """Preemptions per second over the last RATE_WINDOW or more; until this worker has measured
@@ -349,8 +425,9 @@ class LoadPoller:
 
     def _note_unreadable(self, name: str, why: str) -> None:
         if self._unreadable.get(name) != why:
-            log.warning("vLLM replica %s: its /metrics cannot be read (%s); its load figures go stale and "
-                        "routing treats it as without figures", name, why)
+            log.warning("vLLM replica %s: its /metrics cannot be read (%s); %s", name, why,
+                        "its load figures go stale and routing treats it as without figures"
+                        if self.board is not None else "token reconciliation waits for the next reading")
         self._unreadable[name] = why
 
     def _note_readable(self, name: str) -> None:

@@ -105,6 +105,10 @@ class Replicas:
         self.board = board
         self.poller = poller
         self.on_decision = on_decision  # metrics hook: (replica name, reason)
+        # Token reconciliation (gateway/relay/reconcile.py; None: off). Its poller is `poller`
+        # when routing polls too, else one of its own (`reconcile_poller`, at its slower pace).
+        self.reconciler = None
+        self.reconcile_poller = None
         self.on_change = None  # called after each send and end (the admission queue's pump)
         self.round_robin = round_robin  # ROUTING_STRATEGY=round_robin: in turn, whatever the load
         self._turn = 0
@@ -121,6 +125,18 @@ class Replicas:
     def wants_affinity(self) -> bool:
         """Whether a session key can change the choice (so the request should derive one)."""
         return self.load_aware and self.policy.affinity and not self.single
+
+    def start_polling(self) -> None:
+        """Start this worker's poller on first use (a no-op once started, and without gevent)."""
+        if self.poller is not None:
+            self.poller.start()
+        if self.reconcile_poller is not None:
+            self.reconcile_poller.start()
+
+    def tally(self, replica: Replica, usage) -> None:
+        """A request to `replica` ended with `usage`: count it for reconciliation (memory only)."""
+        if self.reconciler is not None:
+            self.reconciler.add(replica.name, usage)
 
     def rendezvous(self, key: str) -> Replica:
         return self.by_name[choice.rendezvous(key, [r.name for r in self.replicas])]
@@ -144,8 +160,7 @@ class Replicas:
         """False when every healthy replica is saturated by its fresh figures (admission waits)."""
         if not self.load_aware:
             return True
-        if self.poller is not None:
-            self.poller.start()
+        self.start_polling()
         return choice.has_room(self.views(), self.policy)
 
     def _sticky(self, response_id: str) -> Replica:
@@ -169,12 +184,11 @@ class Replicas:
 
     def decide(self, response_id: str | None = None, session: str | None = None) -> tuple[list, str]:
         """(the replicas to try, in order; why the first is first)."""
+        self.start_polling()
         if self.single:
             return self.replicas, "single"
         if response_id is not None:
             return [self._sticky(response_id)], "sticky"
-        if self.poller is not None:
-            self.poller.start()
         views = self.views()  # without load-aware routing: no figures, so least in flight
         self._turn = (self._turn + 1) % len(self.replicas)
         if self.round_robin:
@@ -234,13 +248,14 @@ class Replicas:
         figures = self.board.figures.get(replica.name)
         if figures is None:
             return {"waiting": None, "running": None, "kv_cache_usage": None, "preemption_rate": None,
-                    "prefix_cache_hit_rate": None, "age_s": None, "fresh": False, "saturated": None,
-                    "read_by": None}
+                    "decode_rate": None, "prefix_cache_hit_rate": None, "age_s": None, "fresh": False,
+                    "saturated": None, "read_by": None}
         fresh = self.board.fresh(replica.name, now) is not None
         view = next(v for v in self.views(now) if v.name == replica.name)
         rate = figures.prefix_cache_hit_rate
         return {"waiting": figures.waiting, "running": figures.running, "kv_cache_usage": figures.kv,
                 "preemption_rate": None if figures.preemption_rate is None else round(figures.preemption_rate, 3),
+                "decode_rate": None if figures.decode_rate is None else round(figures.decode_rate, 2),
                 "prefix_cache_hit_rate": None if rate is None else round(rate, 4),
                 "age_s": round(figures.age(now), 3), "fresh": fresh,
                 "saturated": choice.saturation(view, self.policy) if fresh else None,
@@ -249,8 +264,7 @@ class Replicas:
     def status(self) -> list[dict]:
         """Each replica's state for /health/readiness (probes vLLM's /health), and its shared
         load figures when load-aware routing is on."""
-        if self.poller is not None:
-            self.poller.start()
+        self.start_polling()
         now = time.monotonic()
         out = []
         for replica in self.replicas:

@@ -8,6 +8,10 @@ by `model_name` and, when it runs data-parallel, by `engine`: each figure is sum
 series of its name (KV-cache use is averaged, being a share per engine). Older vLLM names the
 KV-cache figure `vllm:gpu_cache_usage_perc`.
 
+The poller (and reconciliation, gateway/relay/reconcile.py) also reads vLLM's token counters,
+`vllm:prompt_tokens_total` and `vllm:generation_tokens_total`, summed likewise (`read_reading`);
+`/replicas`' live read (`read_load`) shows the load figures only.
+
 The text is parsed with prometheus_client's parser. The body is read up to MAX_METRICS_BYTES: a
 replica (or something answering in its place) cannot make a worker hold an endless body.
 """
@@ -30,14 +34,18 @@ _SUMMED = {
 }
 _AVERAGED = {"kv_cache_usage": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")}
 FIGURES = (*_SUMMED, *_AVERAGED)
+# Token counters since vLLM started (reconciliation), summed over `engine` and `model_name`.
+_TOKENS = {
+    "prompt_tokens_total": ("vllm:prompt_tokens_total",),
+    "generation_tokens_total": ("vllm:generation_tokens_total",),
+}
 
 
 class LoadUnreadable(Exception):
     """The replica's /metrics could not be read or parsed; the message says why (no secrets)."""
 
 
-def parse_load(text: str) -> dict:
-    """The load figures in a Prometheus exposition text; None for a figure it does not carry."""
+def _samples(text: str) -> dict[str, list[float]]:
     samples: dict[str, list[float]] = {}
     try:
         for family in text_string_to_metric_families(text):
@@ -46,17 +54,37 @@ def parse_load(text: str) -> dict:
                     samples.setdefault(sample.name, []).append(sample.value)
     except (ValueError, TypeError, IndexError) as exc:
         raise LoadUnreadable(f"vLLM's /metrics is not Prometheus text ({type(exc).__name__})") from None
-    load = {}
-    for figure, names in _SUMMED.items():
+    return samples
+
+
+def _summed(samples: dict, wanted: dict) -> dict:
+    figures = {}
+    for figure, names in wanted.items():
         found = next((samples[n] for n in names if n in samples), None)
-        load[figure] = sum(found) if found is not None else None
+        figures[figure] = sum(found) if found is not None else None
+    return figures
+
+
+def _load(samples: dict) -> dict:
+    load = _summed(samples, _SUMMED)
     for figure, names in _AVERAGED.items():
         found = next((samples[n] for n in names if n in samples), None)
         load[figure] = sum(found) / len(found) if found else None
     return load
 
 
-def read_load(upstream, timeout: float = 1.0) -> dict:
+def parse_load(text: str) -> dict:
+    """The load figures in a Prometheus exposition text; None for a figure it does not carry."""
+    return _load(_samples(text))
+
+
+def parse_reading(text: str) -> dict:
+    """The load figures and the token counters, from one parse (the poller reads both)."""
+    samples = _samples(text)
+    return {**_load(samples), **_summed(samples, _TOKENS)}
+
+
+def read_load(upstream, timeout: float = 1.0, parse=parse_load) -> dict:
     """GET the replica's /metrics (with the upstream key, through the worker's session) and parse
     it; the body must arrive within 3 × `timeout` (a trickling answer is given up)."""
     headers = {"Authorization": upstream.auth_header} if upstream.auth_header else {}
@@ -76,4 +104,9 @@ def read_load(upstream, timeout: float = 1.0) -> dict:
                     raise LoadUnreadable(f"/metrics took longer than {3 * timeout:g} s")
     except requests.RequestException as exc:
         raise LoadUnreadable(f"/metrics could not be read ({type(exc).__name__})") from None
-    return parse_load(body.decode("utf-8", "replace"))
+    return parse(body.decode("utf-8", "replace"))
+
+
+def read_reading(upstream, timeout: float = 1.0) -> dict:
+    """read_load, with the token counters too (what the poller publishes and reconciles)."""
+    return read_load(upstream, timeout, parse=parse_reading)

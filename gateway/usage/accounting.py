@@ -21,6 +21,11 @@ Money is integer nano-dollars here (gateway/usage/money.py). The relay hands eac
 cost over in dollars, as a float `cost` made from nano-dollars (it also feeds the Prometheus
 counter); `to_nanos` gives the exact amount back, so charges add up exactly.
 
+A request on a key of a team is charged to the team too: a second charge per batch on the team's
+subject (`team:<id>`), settled by the same script on the team's spend hash, with the team's budget
+reservation (gateway/teams/admission.py). With budget alerts on, each settle's reply (the period's
+spend after the charge) goes to the alert gate (gateway/usage/budgetalerts.py).
+
 The spend log and end-user stats are written and read by gateway/usage/spendlog.py.
 """
 from __future__ import annotations
@@ -34,7 +39,9 @@ from gateway.core.redisconn import REDIS_ERRORS, incidents
 from gateway.core.timefmt import iso
 from gateway.core.runtime import gevent_patched
 from gateway.usage import periods
+from gateway.usage.budgetalerts import fire_for_settled
 from gateway.usage.budgets import BUDGET_FIELDS, Budgets, budget_read
+from gateway.usage import modellimits
 from gateway.usage.money import as_json, stored_nanos, to_nanos
 from gateway.usage.prices import cost
 from gateway.usage.spendlog import SpendLog
@@ -72,10 +79,11 @@ class Charge:
     """What a batch adds to one key in one budget period, and the reservations it settles."""
 
     __slots__ = ("token", "period", "sequence", "requests", "prompt_tokens", "completion_tokens", "spend", "holds",
-                 "last_used")
+                 "last_used", "owner")
 
-    def __init__(self, token: str, period: str, sequence: int):
+    def __init__(self, token: str, period: str, sequence: int, owner: dict | None = None):
         self.token, self.period, self.sequence = token, period, sequence
+        self.owner = owner  # the key or team record, for budget alerts (None: no alerts)
         self.requests = self.prompt_tokens = self.completion_tokens = 0
         self.spend = 0  # nano-dollars
         self.holds: list[str] = []
@@ -114,6 +122,7 @@ class Accounting:
         self.unsettled: list[Charge] = []
         self.background = gevent_patched() if background is None else background
         self._wake = None
+        self.alerts = None  # the budget-alert gate (gateway/alerts/once.py OnceGate), set by app.py when on
 
     def cost(self, model, prompt_tokens, completion_tokens, cached_tokens=0) -> float:
         """A request's cost in dollars, as the relay passes it on: a float that carries its exact
@@ -125,16 +134,18 @@ class Accounting:
         at the cached price."""
         return self.cost(usage.model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
 
-    def record(self, entry: dict, key: dict | None, slot=None, hold=None) -> None:
-        """Queue one finished request; never raises (the response is already gone)."""
-        if slot is not None:
-            self.limiter.release(slot)  # never raises: a failed release is queued for flush()
-        self.budgets.release_lease(hold)
-        if hold is not None:
-            # The next request must see this one's real cost, not its estimate, at once (else it
-            # could find the room still held and get a 429 until the batch settles). Never raises.
-            self.budgets.adjust_now(hold, entry["spend"])
-        self.pending.append((entry, key, hold, False))
+    def record(self, entry: dict, key: dict | None, slot=None, hold=None, team=None) -> None:
+        """Queue one finished request; never raises (the response is already gone). `team` is
+        what the request holds of its key's team (gateway/teams/admission.py TeamShare)."""
+        for held_slot, held in ((slot, hold), (team.slot, team.hold) if team is not None else (None, None)):
+            if held_slot is not None:
+                self.limiter.release(held_slot)  # never raises: a failed release is queued for flush()
+            self.budgets.release_lease(held)
+            if held is not None:
+                # The next request must see this one's real cost, not its estimate, at once (else it
+                # could find the room still held and get a 429 until the batch settles). Never raises.
+                self.budgets.adjust_now(held, entry["spend"])
+        self.pending.append((entry, key, hold, False, team))
         self._wake_up()
 
     def _wake_up(self) -> None:
@@ -183,9 +194,11 @@ class Accounting:
                 undos = self.limiter.take_deferred(pipe)
             logged = []
             new_charges: dict = {}
-            for entry, key, hold, charged in batch:
+            for entry, key, hold, charged, team in batch:
                 try:
                     self._queue(pipe, entry, key, hold, None if charged else new_charges)
+                    if team is not None:
+                        self._queue_team(pipe, entry, team, None if charged else new_charges)
                     logged.append(entry)
                 except Exception:  # one malformed entry must not cost the whole batch
                     log.exception("accounting skipped request %s", entry.get("request_id"))
@@ -197,9 +210,12 @@ class Accounting:
             self.log.queue_batch(pipe, logged)
             replies = pipe.execute()
             self._forward_moved(charges, replies[first_settle:first_settle + len(charges)])
+            if self.alerts is not None:
+                fire_for_settled(self.alerts, charges, replies[first_settle:first_settle + len(charges)])
         except REDIS_ERRORS as exc:
             self.unsettled = charges
-            self.pending.extendleft(reversed([(entry, key, hold, True) for entry, key, hold, _ in batch]))
+            self.pending.extendleft(reversed([(entry, key, hold, True, team)
+                                              for entry, key, hold, _, team in batch]))
             if undos:
                 self.limiter.put_back(undos)
             incidents.report(exc, f"Accounting is queued ({len(self.pending)} requests) and written "
@@ -236,11 +252,27 @@ class Accounting:
             period = budget_period(key, entry["start_time"])
             charge = charges.get((token, period))
             if charge is None:
-                charge = charges[(token, period)] = Charge(token, period, self.budgets.next_sequence())
+                charge = charges[(token, period)] = Charge(token, period, self.budgets.next_sequence(), key)
             charge.add(entry, hold)
         if self.limiter is not None and key.get("tpm_limit") is not None:
             tokens = entry["prompt_tokens"] + entry["completion_tokens"]
             self.limiter.charge_tokens_into(pipe, token, tokens, entry["end_time"])
+        modellimits.queue_usage(pipe, self.names, entry, key)  # per-model tpm and spend (model limits)
+
+    def _queue_team(self, pipe, entry: dict, team, charges: dict | None) -> None:
+        """The team's share of the entry: its charge (settled by the same script as a key's, on
+        the team's spend hash) and its token window."""
+        record = team.team
+        if charges is not None:
+            period = budget_period(record, entry["start_time"])
+            charge = charges.get((team.subject, period))
+            if charge is None:
+                charge = charges[(team.subject, period)] = Charge(team.subject, period, self.budgets.next_sequence(),
+                                                                  record)
+            charge.add(entry, team.hold)
+        if self.limiter is not None and record.get("tpm_limit") is not None:
+            tokens = entry["prompt_tokens"] + entry["completion_tokens"]
+            self.limiter.charge_tokens_into(pipe, team.subject, tokens, entry["end_time"])
 
     # -- reading --------------------------------------------------------------------------
     def key_totals(self, token: str, key: dict) -> dict:

@@ -166,6 +166,9 @@ return 1
 # KEYS: spend, holds, settled. ARGV: worker, sequence, period, requests, prompt tokens,
 # completion tokens, cost (nano-dollars), settled ttl, last use (epoch), then the reservations
 # to drop. `last_used` only moves forward: batches from several workers arrive in any order.
+# Returns {1, the period's spend after this charge} when the charge counted in the current period
+# (budget alerts: before = after - cost, exact whatever other workers settle), 1 when its period
+# is over, 0 for a retry, or the successor's token.
 _SETTLE = _LUA_HELPERS + """
 local spend, holds, settled = KEYS[1], KEYS[2], KEYS[3]
 local seq = tonumber(ARGV[2])
@@ -187,6 +190,7 @@ if stored == ARGV[3] then
   redis.call('HINCRBY', spend, 'budget_spend_nanos', ARGV[7])
 elseif newer(ARGV[3], stored) then
   redis.call('HSET', spend, 'budget_period', ARGV[3], 'budget_spend_nanos', ARGV[7])
+  stored = ARGV[3]
 end  -- else the request's period is over: all-time spend only
 if tonumber(ARGV[9]) > tonumber(redis.call('HGET', spend, 'last_used') or '0') then
   redis.call('HSET', spend, 'last_used', ARGV[9])
@@ -200,6 +204,7 @@ if #ARGV > 9 then
   if reserved < 0 or redis.call('ZCARD', holds) == 0 then reserved = 0 end
   redis.call('HSET', spend, 'reserved_nanos', int(reserved))
 end
+if stored == ARGV[3] then return {1, int(nanos(spend, 'budget_spend_nanos'))} end
 return 1
 """
 
@@ -378,6 +383,7 @@ class Budgets:
 
     def queue_settle(self, pipe, charge) -> None:
         """Queue on an accounting pipeline: add a key's charge and drop its reservations. The
-        reply is 1 (applied), 0 (a retry, applied before) or the token of the key's successor
-        when the key was regenerated meanwhile: the caller charges that one instead."""
+        reply is [1, period spend after it] (applied in the current period), 1 (applied, its
+        period over), 0 (a retry, applied before) or the token of the key's successor when the
+        key was regenerated meanwhile: the caller charges that one instead."""
         self._settle.queue(pipe, *self._settle_call(charge))

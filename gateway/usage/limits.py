@@ -195,8 +195,10 @@ class RateLimiter:
     def applies(key: dict) -> bool:
         return any(key.get(f) is not None for f in ("rpm_limit", "tpm_limit", "max_parallel_requests"))
 
-    def acquire(self, token: str, key: dict, request_id: str) -> Slot:
-        """Admit the request or raise 429 with Retry-After; the Slot carries the headers."""
+    def acquire(self, token: str, key: dict, request_id: str, subject: str = "key") -> Slot:
+        """Admit the request or raise 429 with Retry-After; the Slot carries the headers.
+        `token` may be a team's subject (`team:<id>`) with the team's record: `subject` says
+        which in the message."""
         rpm_limit, tpm_limit = key.get("rpm_limit"), key.get("tpm_limit")
         par_limit = key.get("max_parallel_requests")
         now = time.time()
@@ -226,7 +228,7 @@ class RateLimiter:
             what = {"rpm": f"rpm_limit of {rpm_limit} requests per minute",
                     "tpm": f"tpm_limit of {tpm_limit} tokens per minute",
                     "parallel": f"max_parallel_requests of {par_limit}"}[verdict]
-            raise GatewayError(429, f"Rate limit reached for this key: {what}; retry in {retry}s",
+            raise GatewayError(429, f"Rate limit reached for this {subject}: {what}; retry in {retry}s",
                                "rate_limit_error", headers={**headers, "Retry-After": str(retry)}, kind=verdict)
         slot = Slot(self, token, request_id, par_limit is not None, headers,
                     keys[0] if rpm_limit is not None else None)

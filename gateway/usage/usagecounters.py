@@ -28,7 +28,8 @@ from gateway.usage.money import as_json, legacy_nanos, to_nanos
 MASTER_BUCKET = "master"  # usage of master-key requests (they have no token)
 DAY = 86400
 INTERVALS = {"hour": 3600, "day": DAY}
-GROUPINGS = {"key": "k", "model": "m", "end_user": "u"}  # usage-bucket field prefix of each grouping
+# Usage-bucket field prefix of each grouping. Teams are not capped per bucket: only an admin makes them.
+GROUPINGS = {"key": "k", "model": "m", "end_user": "u", "team": "t"}
 REPORT_MAX_BUCKETS = 1000
 COUNTS = ("requests", "prompt_tokens", "completion_tokens", "spend")
 
@@ -82,7 +83,8 @@ class UsageCounters:
         at = entry.get("start_time") or time.time()
         spend = to_nanos(entry.get("spend") or 0)
         groups = ["k|" + (entry.get("token") or MASTER_BUCKET)]
-        groups += [f"{kind}|{clip(entry[name], 256)}" for kind, name in (("m", "model"), ("u", "end_user"))
+        groups += [f"{kind}|{clip(entry[name], 256)}" for kind, name in (("m", "model"), ("u", "end_user"),
+                                                                        ("t", "team_id"))
                    if entry.get(name)]
         for interval, seconds in INTERVALS.items():
             bucket = buckets.setdefault((interval, int(at // seconds) * seconds), {})

@@ -141,8 +141,8 @@ def test_a_bad_duration_explains_the_grammar():
 
 
 def test_unknown_fields_are_refused_by_name():
-    err = refused({"key_alias": "a", "spend": 5})
-    assert err.param == "spend"
+    err = refused({"key_alias": "a", "rpm_limt": 5})  # a typo must not mean "no limit"
+    assert err.param == "rpm_limt"
     assert "unknown field" in err.message
     assert "key_alias" in err.message  # lists what is accepted
 

@@ -195,3 +195,17 @@ def test_check_model_refuses_a_multipart_model_sent_twice_end_to_end():
     with pytest.raises(GatewayError) as err:
         check_model(body_fields(body, ctype), LIMITED, has_body=True)
     assert err.value.type == "key_model_access_denied"
+
+
+def test_all_proxy_models_lifts_the_model_restriction():
+    from gateway.keys.policy import check_model
+    check_model({"model": "anything"}, {"models": ["all-proxy-models"]}, True)
+
+
+def test_aliased_model_maps_only_a_string_alias():
+    from gateway.keys.policy import aliased_model
+    key = {"aliases": {"fast": "real"}}
+    assert aliased_model({"model": "fast"}, key) == "real"
+    assert aliased_model({"model": "real"}, key) is None
+    assert aliased_model({"model": ["fast"]}, key) is None
+    assert aliased_model({"model": "fast"}, {}) is None and aliased_model(None, key) is None
