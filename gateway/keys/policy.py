@@ -63,15 +63,21 @@ def check_route(path: str, key: dict) -> None:
 
 def check_model(fields: dict | None, key: dict, has_body: bool) -> None:
     """With a model allow-list, the body's model must be on it; unreadable means refused."""
-    models = key.get("models") or []
-    if not models or not has_body or ALL_PROXY_MODELS in models:  # LiteLLM's "every model"
+    check_model_list(fields, key.get("models"), has_body, "this key", "key_model_access_denied")
+
+
+def check_model_list(fields: dict | None, models, has_body: bool, holder: str, error_type: str) -> None:
+    """The rule of a key's or a team's `models` (`holder`: "this key", "this key's team"): none,
+    or LiteLLM's "all-proxy-models", allows every model; a request without a body has nothing to
+    check; otherwise the body's model must be on the list, and one that cannot be read is refused."""
+    if not models or not has_body or ALL_PROXY_MODELS in models:
         return
     model = fields.get("model") if fields is not None else None
     if not isinstance(model, str):
-        raise GatewayError(403, "this key is limited to certain models and the request's model could "
-                                "not be read from its body", "key_model_access_denied", param="model")
+        raise GatewayError(403, f"{holder} is limited to certain models and the request's model could "
+                                "not be read from its body", error_type, param="model")
     if model not in models:
-        raise GatewayError(403, f"this key may not use model {model!r}", "key_model_access_denied", param="model")
+        raise GatewayError(403, f"{holder} may not use model {model!r}", error_type, param="model")
 
 
 def aliased_model(fields: dict | None, key: dict) -> str | None:

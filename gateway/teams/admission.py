@@ -14,9 +14,8 @@ and instances; the accounting flush settles the team's charge as it settles the 
 from __future__ import annotations
 
 from gateway.core.errors import GatewayError
+from gateway.keys import policy
 from gateway.usage.accounting import budget_period
-
-ALL_MODELS = "all-proxy-models"  # LiteLLM's "every model" in a models list
 
 
 class TeamShare:
@@ -58,16 +57,7 @@ def admit_headers(limiter, names, identity, request_id: str, key_slot=None) -> T
 
 def check_model(fields: dict | None, team: dict, has_body: bool) -> None:
     """With a team model list, the body's model must be on it (as for a key's list)."""
-    models = team.get("models") or []
-    if not models or ALL_MODELS in models or not has_body:
-        return
-    model = fields.get("model") if fields is not None else None
-    if not isinstance(model, str):
-        raise GatewayError(403, "this key's team is limited to certain models and the request's model could "
-                                "not be read from its body", "team_model_access_denied", param="model")
-    if model not in models:
-        raise GatewayError(403, f"this key's team may not use model {model!r}", "team_model_access_denied",
-                           param="model")
+    policy.check_model_list(fields, team.get("models"), has_body, "this key's team", "team_model_access_denied")
 
 
 def admit_body(share: TeamShare | None, budgets, fields, has_body: bool, wall: float, request_id: str) -> None:
