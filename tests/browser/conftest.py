@@ -126,7 +126,8 @@ def console_gateway(fake_vllm_server):
                     "(./scripts/test starts one)", pytrace=False)
     with real_redis_namespace("console") as (_client, prefix):
         env = gateway_environ(fake_vllm_server.url, REDIS_URL=REAL_REDIS_URL, REDIS_KEY_PREFIX=prefix,
-                              MODEL_PRICES=TEST_PRICES)
+                              MODEL_PRICES=TEST_PRICES,  # reconciliation on, short windows: the Replicas page
+                              RECONCILE=1, RECONCILE_WINDOW=2, RECONCILE_POLL_INTERVAL=0.25)
         server = GatewayServer(env, workers=2)
         try:
             yield Gateway(server, prefix)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -344,6 +345,29 @@ def test_replicas_page_shows_the_fake_vllm_up_with_its_load(page, console_gatewa
     check_page(page, "operator-replicas")
     page.get_by_role("button", name="Refresh").click()
     expect(page.locator("#replicas-updated")).to_contain_text("Updated")
+
+
+def test_replicas_page_shows_the_last_reconciliation_window(page, console_gateway):
+    gw = console_gateway
+    for _ in range(3):  # some tokens for the window
+        gw.admin("POST", "/vllm/v1/chat/completions",
+                 json={"model": "fake-model", "messages": [{"role": "user", "content": "one two three"}]})
+
+    def closed_with_requests():
+        window = gw.admin("GET", "/replicas")["replicas"][0].get("reconciliation")
+        return window is not None and window["gateway"]["requests"] > 0
+    assert wait_until(closed_with_requests, timeout=15)
+    sign_in(page, MASTER_KEY)
+    go(page, "replicas", "Replicas")
+    table = page.locator("#reconcile-table")
+    expect(table.locator("tbody tr")).to_have_count(1)
+    heads = table.locator("thead th").all_inner_texts()
+    shown = dict(zip(heads, table.locator("tbody tr").first.locator("th, td").all_inner_texts()))
+    assert re.fullmatch(r"[0-9,]+ / [0-9,]+ \([+-]?[0-9.]+%\)", shown["Prompt tokens: gateway / vLLM (drift)"]), shown
+    assert re.fullmatch(r"\d+ s, closed \d+ s ago", shown["Window"]), shown
+    assert shown["Verdict"] in ("within threshold", "drift beyond 5.0% (prompt)", "drift beyond 5.0% (generation)",
+                                "drift beyond 5.0% (prompt, generation)"), shown
+    expect(page.locator("#reconcile-summary")).to_contain_text("over the last closed window of 2 s")
 
 
 def test_every_operator_page_passes_the_accessibility_check(page, console_gateway):

@@ -69,7 +69,7 @@ function windowSpan(window) {
 function reconciliation(data) {
   const settings = data.reconciliation;
   if (!settings || !settings.on) {
-    return h("p", {class: "muted", id: "reconcile-summary"}, "Token reconciliation is off (RECONCILE=1 turns it on).");
+    return h("p", {class: "muted", id: "reconcile-summary"}, "Token reconciliation is off (RECONCILE=0; it is on unless set so).");
   }
   const replicas = Array.isArray(data.replicas) ? data.replicas : [];
   const note = settings.readable === false
