@@ -1,10 +1,13 @@
 """Budget-alert settings: off by default, refused in one line naming the setting (never its value)."""
+import json
+import subprocess
 import sys
 from fractions import Fraction
 
 import pytest
 
 from gateway.core.config import ConfigError, load_settings
+from tests.conftest import ROOT
 
 BASE = {"HOSTED_VLLM_API_BASE": "http://127.0.0.1:9", "LITELLM_MASTER_KEY": "sk-" + "m" * 30,
         "ALLOW_EPHEMERAL_KEYSTORE": "1"}
@@ -40,8 +43,10 @@ def test_bad_values_are_refused_naming_the_setting(extra, setting):
 
 
 def test_reading_the_settings_does_not_import_requests():
-    """gunicorn's master reads them before gevent patches the workers."""
-    if "requests" in sys.modules:
-        pytest.skip("requests already imported by this test process")
-    load_settings(ON)
-    assert "requests" not in sys.modules
+    """gunicorn's master reads them before gevent patches the workers: checked in a fresh
+    interpreter (this test process imported requests long ago)."""
+    script = ("import json, sys; from gateway.core.config import load_settings; "
+              f"load_settings(json.loads({json.dumps(json.dumps(ON))})); "
+              "assert 'requests' not in sys.modules, 'requests was imported'")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
