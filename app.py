@@ -94,7 +94,7 @@ def build_services(settings: Settings, redis_client, session=None) -> Services:
                     reconcile=settings.reconcile)
     audit = AuditLog(redis_client, names)
     keystore = KeyStore(redis_client, names, settings.key_cache_ttl, audit=audit)
-    teams = TeamStore(redis_client, names, audit, settings.key_cache_ttl)
+    teams = TeamStore(redis_client, names, audit, keystore)
     authenticator = Authenticator(settings.master_key, keystore, teams)
     limiter = RateLimiter(redis_client, names, settings.parallel_lease_seconds)
     budgets = Budgets(redis_client, names, settings.prices, settings.parallel_lease_seconds,

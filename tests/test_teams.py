@@ -1,6 +1,7 @@
 """Teams (/team/*) and what a team imposes on its keys: budget, rate limits, models, blocking;
 on fakeredis, the real Redis, a Redis Cluster and Sentinel (the `redis_client` topologies)."""
 
+from gateway.keys.cache import KeyCache
 from tests.conftest import MASTER
 
 BOUNDED = {"model": "fake-model", "messages": [{"role": "user", "content": "one two three"}], "max_tokens": 10}
@@ -132,8 +133,12 @@ def test_blocking_a_team_blocks_its_keys(kclient):
     team = new_team(kclient)
     _, auth = team_key(kclient, team["team_id"])
     assert kclient.post(CHAT, headers=auth, json=BOUNDED).status_code == 200
-    kclient.application.extensions["gateway"].teams.cache_ttl = 0  # this test does not wait out the cache
-    kclient.application.extensions["gateway"].teams._cache.clear()
+    # A worker's cache, as on gevent workers, holding entries a minute: only eviction on the
+    # change can make the block (and the unblock) seen at once.
+    keystore = kclient.application.extensions["gateway"].keystore
+    keystore.cache = KeyCache(keystore.redis, keystore.names.key_changes, ttl=60)
+    keystore.cache._listening = True  # no listener greenlet off gevent: this worker's evictions only
+    assert kclient.post(CHAT, headers=auth, json=BOUNDED).status_code == 200  # key and team now cached
     assert kclient.post("/team/block", headers=MASTER, json={"team_id": team["team_id"]}).status_code == 200
     blocked = kclient.post(CHAT, headers=auth, json=BOUNDED)
     assert blocked.status_code == 401 and "team is blocked" in blocked.get_json()["error"]["message"]

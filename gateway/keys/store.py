@@ -202,8 +202,9 @@ class KeyStore:
         except REDIS_ERRORS:
             raise unavailable() from None
 
-    def _changed(self, *tokens: str) -> None:
-        """After an admin write: no worker may keep serving the old record from its cache."""
+    def changed(self, *tokens: str) -> None:
+        """After an admin write: no worker may keep serving the old record from its cache (also
+        a team's entry, gateway/teams/store.py)."""
         if self.cache is not None:
             self.cache.evict(tokens)
         # Every other worker, of this instance or another, evicts what is published here.
@@ -527,7 +528,7 @@ class KeyStore:
             return updated
 
         updated = self._retrying(apply)
-        self._changed(*self._tokens(updated))
+        self.changed(*self._tokens(updated))
         return updated
 
     def delete(self, records: list[dict], *, caller: str) -> None:
@@ -553,7 +554,7 @@ class KeyStore:
             return gone
 
         gone = self._retrying(remove)
-        self._changed(*{r["token"] for r in records}, *gone)
+        self.changed(*{r["token"] for r in records}, *gone)
 
     def regenerate(self, record: dict, grace_seconds: int | None, custom_key: str | None = None,
                    *, caller: str) -> dict:
@@ -600,7 +601,7 @@ class KeyStore:
             return fresh, [c["token"] for c in everyone]
 
         fresh, old_tokens = self._retrying(swap)
-        self._changed(*old_tokens)
+        self.changed(*old_tokens)
         return {**fresh, "key": key}
 
 

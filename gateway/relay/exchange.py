@@ -118,10 +118,11 @@ class Exchange:
     def hold_real_cost(self) -> None:
         """A whole answer is in hand: its budget reservation becomes its real cost before the
         caller has it, so the caller's next request never finds this one's estimate still held."""
-        if self.hold is not None and self.tap is not None:
-            self.passthrough.budgets.adjust_now(self.hold, self.used()[1])
-        if self.team is not None and self.team.hold is not None and self.tap is not None:
-            self.passthrough.budgets.adjust_now(self.team.hold, self.used()[1])
+        if self.tap is None:
+            return
+        for hold in (self.hold, self.team.hold if self.team is not None else None):
+            if hold is not None:
+                self.passthrough.budgets.adjust_now(hold, self.used()[1])
 
     def used(self) -> tuple:
         """(usage, cost) of the request, worked out once, when its answer is complete."""

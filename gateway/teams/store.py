@@ -5,9 +5,10 @@
 A team's spend, reservations and rate-limit windows live beside the record under the subject
 `team:<id>` (gateway/core/redisnames.py), written by the budget and limit scripts.
 
-Authentication reads a key's team through `lookup`, cached per worker for `cache_ttl` (the key
-cache's TTL, under a second): blocking a team, changing its limits or deleting it reaches every
-worker of every instance within that time without a pub/sub channel of its own.
+Authentication reads a key's team through `lookup`, from the key cache (gateway/keys/cache.py,
+entries `team:<id>` beside the keys' tokens): a team change evicts and publishes its entry
+exactly as a key change does, so blocking a team, changing its limits or deleting it reaches
+every worker of every instance in milliseconds, at worst within KEY_CACHE_TTL.
 """
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ from gateway.core.errors import GatewayError
 from gateway.core.redisconn import REDIS_ERRORS, unavailable
 from gateway.core.timefmt import iso
 
-MAX_CACHED = 10_000
-_MISSING = object()  # cached "no such team", so a key naming a deleted team costs no round trip each time
+
+def cache_name(team_id: str) -> str:
+    """A team's entry in the key cache (key tokens are hex digests: no clash)."""
+    return "team:" + team_id
 
 
 def not_found(team_id: str) -> GatewayError:
@@ -30,12 +33,11 @@ def not_found(team_id: str) -> GatewayError:
 
 
 class TeamStore:
-    def __init__(self, client, names, audit=None, cache_ttl: float = 0.9):
+    def __init__(self, client, names, audit=None, keystore=None):
         self.redis = client
         self.names = names
         self.audit = audit
-        self.cache_ttl = cache_ttl
-        self._cache: dict[str, tuple[float, object]] = {}
+        self.keystore = keystore  # its cache holds teams too, and its change channel evicts them
 
     # -- reading ------------------------------------------------------------------------------
     def get(self, team_id: str) -> dict | None:
@@ -58,16 +60,16 @@ class TeamStore:
                                "bad_request_error", param="team_id")
 
     def lookup(self, team_id: str) -> dict | None:
-        """The team for a request: from this worker's cache (at most cache_ttl old), else Redis.
-        Redis errors become 503 (a key's team limits must not be skipped: fail closed)."""
-        hit = self._cache.get(team_id)
-        now = time.monotonic()
-        if hit is not None and hit[0] > now:
-            return None if hit[1] is _MISSING else hit[1]
+        """The team for a request: from the key cache when fresh, else Redis (a missing team is
+        cached too, so a key naming a deleted team costs no round trip each time). Redis errors
+        become 503 (a key's team limits must not be skipped: fail closed)."""
+        cache = self.keystore.cache if self.keystore is not None else None
+        hit = cache.get(cache_name(team_id)) if cache is not None else None
+        if hit is not None:
+            return hit[0]
         team = self.get(team_id)
-        if len(self._cache) >= MAX_CACHED:
-            self._cache.clear()  # bounded; entries live under a second anyway
-        self._cache[team_id] = (now + self.cache_ttl, _MISSING if team is None else team)
+        if cache is not None:
+            cache.put(cache_name(team_id), team, (None, None))
         return team
 
     def list(self, page: int, size: int) -> dict:
@@ -120,7 +122,7 @@ class TeamStore:
                         pipe.execute()
                     except redis.WatchError:
                         continue
-                self._cache.pop(team_id, None)
+                self._changed(team_id)
                 self._audit(action, caller, team, changes)
                 return team
         except REDIS_ERRORS:
@@ -142,11 +144,15 @@ class TeamStore:
                 team = self.get(team_id)
                 self.redis.delete(self.names.team_record(team_id))
                 self.redis.zrem(self.names.teams_by_created(), team_id)
-                self._cache.pop(team_id, None)
+                self._changed(team_id)
                 if team is not None:
                     self._audit("team_delete", caller, team, None)
         except REDIS_ERRORS:
             raise unavailable() from None
+
+    def _changed(self, team_id: str) -> None:
+        if self.keystore is not None:
+            self.keystore.changed(cache_name(team_id))
 
     def _audit(self, action: str, caller: str, team: dict, changes: dict | None) -> None:
         if self.audit is not None:
