@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
-NANO_USD = 1_000_000_000  # money units per US dollar: spend and budgets are integer nano-dollars
+from gateway.usage.money import NANOS_PER_USD
+
+NANO_USD = NANOS_PER_USD  # money units per US dollar: the accounting's nano-dollars (gateway/usage/money.py)
 DEFAULT_THRESHOLDS = (Fraction(1, 2), Fraction(4, 5), Fraction(1))
 MAX_THRESHOLDS = 10       # a handful is what anyone reads; it also bounds the markers per period
 SCOPES = ("key", "team")

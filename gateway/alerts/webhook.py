@@ -50,16 +50,16 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from fractions import Fraction
 from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 
-from gateway.alerts.thresholds import NANO_USD, SOFT_BUDGET, Budget, Crossing
+from gateway.alerts.thresholds import SOFT_BUDGET, Budget, Crossing
 from gateway.core.redisconn import REDIS_ERRORS, incidents
 from gateway.core.runtime import gevent_patched
 from gateway.core.timefmt import iso
+from gateway.usage.money import as_json
 from gateway.usage.limits import ClusterScript
 
 log = logging.getLogger("gateway")
@@ -119,9 +119,8 @@ return 1
 
 # -- the event ----------------------------------------------------------------------------------
 def usd(amount: int | None) -> float | None:
-    """Nano-dollars as a JSON number of dollars: 51_000_000 -> 0.051 (the nearest double, whose
-    shortest form is the exact decimal for amounts below ~10^6 USD)."""
-    return None if amount is None else float(Fraction(amount, NANO_USD))
+    """Nano-dollars as a JSON number of dollars (money.as_json: 51_000_000 -> 0.051), None kept."""
+    return None if amount is None else as_json(amount)
 
 
 def event_id(budget: Budget, period: str, crossing: Crossing) -> str:
