@@ -2,8 +2,6 @@
 small max_budget. With reservations at admission the settled spend stays within 2% of the budget
 (before them: 9–14% over), and the budget is used, not just refused: clients retry a 429 (the
 budget held by requests in flight, as the openai client does) and stop at the 400."""
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
@@ -11,11 +9,11 @@ import pytest
 import requests
 
 from tests.conftest import MASTER, REAL_REDIS_URL, TEST_PRICES, gateway_environ, wait_until
+from tests.e2e.budget_race import CHAT, race_to_budget
 
 # The fake answers 3 prompt + 5 completion tokens: 0.013 a request at TEST_PRICES. With max_tokens 5
 # it reserves 8 prompt tokens (estimate) + 5: 0.018; without a bound, BUDGET_DEFAULT_MAX_TOKENS
 # (more than the whole budget at these prices: each request holds what remains, one at a time).
-CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "one two three"}]}
 COST = 0.013
 MAX_BUDGET = 0.5
 CLIENTS = 48
@@ -31,31 +29,9 @@ def test_three_instances_of_two_workers_racing_one_key_stay_within_its_budget(vl
     created = requests.post(gateways[0].url + "/key/generate", headers=MASTER,
                             json={"max_budget": MAX_BUDGET}).json()
     auth = {"Authorization": f"Bearer {created['key']}", "x-fake-delay-ms": "30"}
-    start = threading.Barrier(CLIENTS)
-
-    def client(i):
-        statuses = []
-        deadline = time.monotonic() + 60
-        with requests.Session() as session:
-            start.wait()  # everyone at once: the race the reservation must win
-            for j in range(10_000):
-                gw = gateways[(i + j) % 3]
-                resp = session.post(gw.url + "/vllm/v1/chat/completions", json={**CHAT, **bound}, timeout=30,
-                                    headers={**auth, "X-Request-Id": f"bf-{i}-{j}"})
-                statuses.append(resp.status_code)
-                if resp.status_code == 400:
-                    assert resp.json()["error"]["type"] == "budget_exceeded"
-                    break  # spent
-                if resp.status_code == 429:
-                    assert resp.headers["Retry-After"] == "1"
-                    time.sleep(0.02)  # the client's back-off (shortened), not a synchronisation
-                assert time.monotonic() < deadline, f"the budget never ran out: {statuses[-5:]} {resp.text[:300]}"
-        return statuses
-
-    with ThreadPoolExecutor(CLIENTS) as pool:
-        statuses = [s for batch in pool.map(client, range(CLIENTS)) for s in batch]
+    statuses = race_to_budget(CLIENTS, lambda i, j: (gateways[(i + j) % 3].url,
+                                                     {**auth, "X-Request-Id": f"bf-{i}-{j}"}), bound)
     admitted = statuses.count(200)
-    assert statuses.count(400) == CLIENTS and set(statuses) <= {200, 400, 429}, set(statuses)
 
     def info():
         return requests.get(gateways[1].url + "/key/info", params={"key": created["key"]}, headers=MASTER).json()["info"]
